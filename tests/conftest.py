@@ -1,0 +1,21 @@
+"""Test-session setup: several CPU devices and a persistent XLA compilation cache.
+
+Both must be configured before jax is imported anywhere, so this file sets the environment at import
+time; pytest imports conftest.py before any test module.
+"""
+import os
+import pathlib
+
+NUM_TEST_DEVICES = 4
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={NUM_TEST_DEVICES}".strip()
+
+import jax  # noqa: E402
+
+_cache_dir = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+jax.config.update("jax_compilation_cache_dir", str(_cache_dir))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
