@@ -1,0 +1,185 @@
+"""Input pipelines: CIFAR and ImageNet under tfds.testing.mock_data, exactly-once eval, exact resume, errors."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import splits as splits_lib
+
+import attn_flax.data as data
+from attn_flax.data import catalog, jpeg, order, preprocess
+
+NUM_MOCK = 7
+
+
+def _write_metadata(root, name, num_examples, splits):
+    """Writes the dataset_info a prepared dataset would have, so that `is_prepared()` holds under mock_data."""
+    builder = tfds.builder(name, data_dir=str(root))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.set_splits(splits_lib.SplitDict([
+        splits_lib.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0, filename_template=None)
+        for split in splits
+    ]))
+    builder.info.set_file_format("array_record", override=True, override_if_initialized=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+@pytest.fixture(scope="module")
+def mock_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds_mock")
+    for name in ("cifar10", "cifar100"):
+        _write_metadata(root, name, NUM_MOCK, ("train", "test"))
+    _write_metadata(root, "imagenet2012", NUM_MOCK, ("train", "validation"))
+    return str(root)
+
+
+@pytest.fixture
+def mocked(mock_root):
+    with tfds.testing.mock_data(num_examples=NUM_MOCK, data_dir=mock_root, policy=tfds.testing.MockPolicy.USE_FILES):
+        yield
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_train_shapes_dtypes_and_random_augmentation(mocked, name, classes):
+    info = data.dataset_info(name)
+    assert (info.num_classes, info.image_size, info.eval_split, info.recipe) == (classes, 32, "test", "small")
+    batches = _take(data.train_batches(name, global_batch_size=4, seed=0, with_index=True), 4)
+    batch = batches[0]
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and ((batch["label"] >= 0) & (batch["label"] < classes)).all()
+    low = (0 - np.array(info.mean)) / np.array(info.std)
+    high = (1 - np.array(info.mean)) / np.array(info.std)
+    assert (batch["image"] >= low - 1e-5).all() and (batch["image"] <= high + 1e-5).all()
+    images = np.concatenate([b["image"] for b in batches])
+    indices = np.concatenate([b["index"] for b in batches])
+    first, second = (np.flatnonzero(indices == indices[0])[:2])
+    assert first != second and not np.array_equal(images[first], images[second])
+
+
+def test_cifar_eval_is_normalised_pixels(mocked):
+    info = data.dataset_info("cifar10")
+    raw = tfds.as_numpy(tfds.builder("cifar10").as_dataset(split="test", batch_size=-1))
+    batches = list(data.eval_batches("cifar10", global_batch_size=8, with_index=True))
+    assert len(batches) == 1
+    expected = (raw["image"][batches[0]["index"]] / 255.0 - np.array(info.mean)) / np.array(info.std)
+    np.testing.assert_allclose(batches[0]["image"], expected, atol=1e-5)
+    assert batches[0]["mask"].tolist() == [True] * NUM_MOCK + [False]
+    again = list(data.eval_batches("cifar10", global_batch_size=8))
+    np.testing.assert_array_equal(again[0]["image"], batches[0]["image"])
+
+
+def test_imagenet_train_decodes_random_crops(mocked):
+    info = data.dataset_info("imagenet2012")
+    assert (info.image_size, info.eval_split, info.recipe, info.num_classes) == (224, "validation", "large", 1000)
+    stream = data.train_batches("imagenet2012", global_batch_size=4, seed=1, with_index=True)
+    batches = _take(stream, 4)
+    assert batches[0]["image"].shape == (4, 224, 224, 3) and batches[0]["image"].dtype == np.float32
+    assert batches[0]["label"].dtype == np.int32
+    low = (0 - np.array(catalog.IMAGENET_MEAN)) / np.array(catalog.IMAGENET_STD)
+    high = (1 - np.array(catalog.IMAGENET_MEAN)) / np.array(catalog.IMAGENET_STD)
+    assert (batches[0]["image"] >= low - 1e-3).all() and (batches[0]["image"] <= high + 1e-3).all()
+    images = np.concatenate([b["image"] for b in batches])
+    indices = np.concatenate([b["index"] for b in batches])
+    first, second = np.flatnonzero(indices == indices[0])[:2]
+    assert not np.allclose(images[first], images[second])
+
+
+def test_imagenet_eval_is_deterministic_and_masked(mocked):
+    runs = [list(data.eval_batches("imagenet2012", global_batch_size=4, dtype=np.float32)) for _ in range(2)]
+    assert len(runs[0]) == 2
+    for a, b in zip(*runs):
+        assert a["image"].shape == (4, 224, 224, 3)
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert sum(int(b["mask"].sum()) for b in runs[0]) == NUM_MOCK
+
+
+def test_center_crop_takes_the_central_window():
+    image = np.arange(10 * 14 * 3, dtype=np.float32).reshape(10, 14, 3)
+    np.testing.assert_array_equal(jpeg.center_crop(tf.constant(image), 4).numpy(), image[3:7, 5:9])
+
+
+def test_resize_shorter_side_keeps_aspect():
+    image = tf.zeros([300, 400, 3])
+    assert jpeg.resize_shorter_side(image, 256).shape == (256, 341, 3)
+
+
+def test_pad_crop_flip_offsets_are_padded_windows():
+    images = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)
+    positions = np.arange(2)
+    out = preprocess.pad_crop_flip(images, 3, positions, pad=1)
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for i in range(2):
+        top = preprocess.random_ints(3, positions, 0, 3)[i]
+        left = preprocess.random_ints(3, positions, 1, 3)[i]
+        window = padded[i, top:top + 4, left:left + 4]
+        flipped = preprocess.random_ints(3, positions, 2, 2)[i]
+        np.testing.assert_array_equal(out[i], window[:, ::-1] if flipped else window)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet2012"])
+def test_eval_sees_every_example_exactly_once(mocked, name):
+    single = list(data.eval_batches(name, global_batch_size=4, with_index=True))
+    shares = [list(data.eval_batches(name, global_batch_size=4, process_index=p, process_count=2, with_index=True))
+              for p in range(2)]
+    assert len(single) == len(shares[0]) == len(shares[1]) == data.num_eval_batches(name, global_batch_size=4) == 2
+    for batches, local in [(single, 4), (shares[0], 2), (shares[1], 2)]:
+        assert all(b["image"].shape[0] == local for b in batches)
+    seen = [i for batches in [shares[0], shares[1]] for b in batches for i in b["index"][b["mask"]]]
+    assert sorted(seen) == list(range(NUM_MOCK))
+    seen_single = [i for b in single for i in b["index"][b["mask"]]]
+    assert sorted(seen_single) == list(range(NUM_MOCK))
+    for b, (p0, p1) in zip(single, zip(*shares)):
+        np.testing.assert_array_equal(b["image"], np.concatenate([p0["image"], p1["image"]]))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet2012"])
+def test_resumed_stream_equals_uninterrupted(mocked, name):
+    full = _take(data.train_batches(name, global_batch_size=4, seed=5), 5)
+    resumed = _take(data.train_batches(name, global_batch_size=4, seed=5, start_step=3), 2)
+    for a, b in zip(full[3:], resumed):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_process_shares_form_the_global_batch(mocked):
+    whole = _take(data.train_batches("cifar10", global_batch_size=4, seed=2, with_index=True), 3)
+    shares = [_take(data.train_batches("cifar10", global_batch_size=4, seed=2, process_index=p, process_count=2,
+                                       with_index=True), 3) for p in range(2)]
+    for b, p0, p1 in zip(whole, *shares):
+        np.testing.assert_array_equal(b["index"], np.concatenate([p0["index"], p1["index"]]))
+        np.testing.assert_array_equal(b["image"], np.concatenate([p0["image"], p1["image"]]))
+
+
+def test_epochs_are_permutations_and_reshuffled():
+    stream = order.TrainOrder(seed=0, num_examples=7)
+    positions = np.arange(21)
+    indices = stream.indices(positions)
+    for epoch in range(3):
+        assert sorted(indices[7 * epoch:7 * (epoch + 1)]) == list(range(7))
+    assert not np.array_equal(indices[:7], indices[7:14])
+    np.testing.assert_array_equal(order.TrainOrder(0, 7).indices(positions[10:]), indices[10:])
+
+
+def test_bad_input_gives_one_line_errors(mocked, tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'no_such_set'.*any TFDS image-classification"):
+        data.dataset_info("no_such_set")
+    with pytest.raises(ValueError, match="multiple of process_count=3"):
+        next(data.train_batches("cifar10", global_batch_size=4, seed=0, process_count=3))
+    with pytest.raises(ValueError, match="multiple of process_count=3"):
+        data.eval_batches("cifar10", global_batch_size=4, process_count=3)
+
+
+def test_unprepared_dataset_says_what_to_do(tmp_path):
+    with pytest.raises(data.DatasetNotPreparedError) as error:
+        data.dataset_info("cifar10", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and "tfds build cifar10" in message and str(tmp_path) in message
+    with pytest.raises(data.DatasetNotPreparedError, match="downloads/manual"):
+        data.dataset_info("imagenet2012", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="not an image-classification dataset"):
+        data.dataset_info("glue/cola", data_dir=str(tmp_path))
