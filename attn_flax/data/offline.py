@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from attn_flax.data import scenes
 
 NAME = "attn_flax_shapes"
+SEED = 20_240_601
 
 
 @dataclasses.dataclass
@@ -25,7 +26,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
     num_train: int = 50_000
     num_test: int = 10_000
-    seed: int = 20_240_601
+    seed: int = SEED
 
 
 class AttnFlaxShapes(tfds.core.GeneratorBasedBuilder):
