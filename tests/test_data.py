@@ -1,42 +1,24 @@
 """Input pipelines: CIFAR and ImageNet under tfds.testing.mock_data, exactly-once eval, exact resume, errors."""
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import splits as splits_lib
 
 import attn_flax.data as data
 from attn_flax.data import catalog, jpeg, order, preprocess
+from attn_flax.data.testing import mock_prepared
 
 NUM_MOCK = 7
 
 
-def _write_metadata(root, name, num_examples, splits):
-    """Writes the dataset_info a prepared dataset would have, so that `is_prepared()` holds under mock_data."""
-    builder = tfds.builder(name, data_dir=str(root))
-    os.makedirs(builder.data_dir, exist_ok=True)
-    builder.info.set_splits(splits_lib.SplitDict([
-        splits_lib.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0, filename_template=None)
-        for split in splits
-    ]))
-    builder.info.set_file_format("array_record", override=True, override_if_initialized=True)
-    builder.info.write_to_directory(builder.data_dir)
-
-
 @pytest.fixture(scope="module")
 def mock_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tfds_mock")
-    for name in ("cifar10", "cifar100"):
-        _write_metadata(root, name, NUM_MOCK, ("train", "test"))
-    _write_metadata(root, "imagenet2012", NUM_MOCK, ("train", "validation"))
-    return str(root)
+    return str(tmp_path_factory.mktemp("tfds_mock"))
 
 
 @pytest.fixture
 def mocked(mock_root):
-    with tfds.testing.mock_data(num_examples=NUM_MOCK, data_dir=mock_root, policy=tfds.testing.MockPolicy.USE_FILES):
+    with mock_prepared(mock_root, NUM_MOCK):
         yield
 
 
