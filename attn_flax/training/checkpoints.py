@@ -1,0 +1,67 @@
+"""Orbax checkpoints of a run: ``WORKDIR/checkpoints/<step>/{state,meta}``.
+
+``state`` is the :class:`TrainState` (parameters, optimiser state, BatchNorm statistics, step), restored
+straight onto the mesh's shardings; ``meta`` is JSON (step, seed, dataset, global batch size) that fixes the
+position of the index-based input stream, so a resumed run sees exactly the examples an uninterrupted one would.
+Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it on commit); a latest
+checkpoint that cannot be read is skipped with a warning and the previous one is used, deleting nothing.
+"""
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from attn_flax.training.state import TrainState
+
+STATE = "state"
+META = "meta"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the directory could be restored, or one does not match the run."""
+
+
+def create_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
+    """Starts saving ``state`` at ``meta['step']`` (returns before the write finishes when async)."""
+    manager.save(int(meta["step"]),
+                 args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
+                 force=True)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState
+                   ) -> Optional[tuple[TrainState, dict[str, Any]]]:
+    """The newest readable checkpoint as (state, meta), or None when there is none.
+
+    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings, so arrays land directly on the
+    mesh. A checkpoint that fails to restore (partial, corrupt, wrong structure) is reported and skipped.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped, the reason reported
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            logging.warning("checkpoint %d in %s cannot be restored (%s); trying an older one",
+                            step, manager.directory, reason)
+            failures.append((step, reason))
+            continue
+        return restored[STATE], dict(restored[META])
+    if failures:
+        raise CheckpointError(
+            f"none of the checkpoints in {manager.directory} could be restored ({failures[0][1]}); move the "
+            "directory away to start afresh")
+    return None
+
+
+def abstract(state_shape: Any, sharding: jax.sharding.Sharding) -> Any:
+    """ShapeDtypeStructs of ``state_shape`` carrying ``sharding``, as Orbax restores onto a mesh."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state_shape)

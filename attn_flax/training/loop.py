@@ -1,0 +1,221 @@
+"""The training loop: config -> dataset -> model -> jitted steps -> metrics and checkpoints.
+
+:func:`prepare` checks the config and builds everything that needs no compilation, so a user's typo fails in
+seconds; :func:`train_and_evaluate` then runs (or resumes) the run in ``workdir``.
+"""
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import linen as nn
+
+from attn_flax import data, models
+from attn_flax.training import checkpoints, optim, sharding, steps
+from attn_flax.training.metrics import MetricsWriter
+from attn_flax.training.state import TrainState, init_train_state
+
+
+class ConfigError(ValueError):
+    """The config cannot describe a run; the message says what to change."""
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The config's ResNet with its attention; ``widths``/``stage_sizes`` override the depth's defaults."""
+    model = models.create_model(config.model, num_classes=num_classes, attention=config.attention,
+                                stem=config.stem, dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+                                zero_init_last_bn=config.zero_init_last_bn, **dict(config.attention_options))
+    overrides = {k: tuple(config[k]) for k in ("widths", "stage_sizes") if config.get(k) is not None}
+    return model.clone(**overrides) if overrides else model
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    """``num_train_steps`` when positive, else ``num_epochs`` worth of global batches (rounded up)."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    if config.get("num_epochs") is None or config.num_epochs <= 0:
+        raise ConfigError("set num_train_steps > 0 or num_epochs > 0")
+    return math.ceil(config.num_epochs * num_train_examples / config.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything :func:`train_and_evaluate` needs, built and checked before any compilation."""
+
+    config: ml_collections.ConfigDict
+    info: data.DatasetInfo
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    num_steps: int
+    steps_per_epoch: int
+
+
+def prepare(config: ml_collections.ConfigDict) -> Run:
+    """Validates the config against the registries, the dataset and the devices; raises ConfigError."""
+    try:
+        info = data.dataset_info(config.dataset, data_dir=config.data_dir)
+        model = build_model(config, info.num_classes)
+        mesh = sharding.data_mesh()
+        sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
+        if config.batch_size % jax.process_count():
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes "
+                             f"({jax.process_count()})")
+        steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
+        total = num_train_steps(config, info.num_train_examples)
+        schedule = optim.learning_rate_schedule(config, total, steps_per_epoch)
+        tx = optim.create_optimizer(config, schedule)
+    except (ValueError, TypeError, data.DatasetNotPreparedError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+    return Run(config, info, model, tx, schedule, mesh, total, steps_per_epoch)
+
+
+def _init_state(run: Run) -> tuple[TrainState, Any]:
+    """Initialises the state replicated on the mesh; returns it and its abstract (sharded) shape."""
+    replicated = sharding.replicated(run.mesh)
+    image_shape = (run.info.image_size, run.info.image_size, 3)
+    init = jax.jit(lambda rng: init_train_state(run.model, run.tx, rng, image_shape), out_shardings=replicated)
+    rng = jax.random.key(run.config.seed)
+    return init, checkpoints.abstract(jax.eval_shape(init, rng), replicated)
+
+
+def _run_meta(run: Run, step: int) -> dict[str, Any]:
+    return {"step": step, "seed": run.config.seed, "dataset": run.config.dataset,
+            "batch_size": run.config.batch_size}
+
+
+def _check_resumable(run: Run, meta: dict[str, Any]) -> None:
+    for key in ("seed", "dataset", "batch_size"):
+        if meta.get(key) != run.config[key]:
+            raise ConfigError(f"the checkpoint in this workdir was made with {key}={meta.get(key)!r}, the config "
+                              f"says {run.config[key]!r}; use a new --workdir or the original value")
+
+
+def evaluate(run: Run, eval_step, state: TrainState) -> dict[str, float]:
+    """Top-1, top-5 and loss over the whole eval split, each example counted exactly once."""
+    batch_sharding = sharding.batch_sharded(run.mesh)
+    totals = None
+    for local in data.eval_batches(run.config.dataset, global_batch_size=run.config.eval_batch_size,
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
+                                   data_dir=run.config.data_dir):
+        sums = eval_step(state, sharding.global_batch(local, batch_sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    return steps.summarize_eval(totals, run.info.num_classes)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or infinite."""
+
+
+def _check_finite(history: list[tuple[int, dict[str, float]]]) -> None:
+    for step, metrics in history:
+        if not math.isfinite(metrics["train_loss"]):
+            raise NonFiniteLossError(f"training loss is {metrics['train_loss']} at step {step}; the last good "
+                                     "checkpoint is kept: lower the learning rate or check the data")
+
+
+def _mean_metrics(history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    keys = history[0][1].keys()
+    out = {k: float(np.mean([m[k] for _, m in history])) for k in keys if k != "learning_rate"}
+    out["learning_rate"] = history[-1][1]["learning_rate"]
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Optional[Run] = None
+                       ) -> dict[str, float]:
+    """Trains (resuming from ``workdir``'s latest checkpoint if any), evaluates, checkpoints; returns the last
+    eval metrics."""
+    run = run or prepare(config)
+    is_lead = jax.process_index() == 0
+    if is_lead:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    writer = MetricsWriter(workdir, enabled=is_lead)
+    manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints)
+
+    init, abstract_state = _init_state(run)
+    restored = checkpoints.restore_latest(manager, abstract_state)
+    if restored is None:
+        state, start_step = init(jax.random.key(config.seed)), 0
+    else:
+        state, meta = restored
+        _check_resumable(run, meta)
+        start_step = int(meta["step"])
+        if is_lead:
+            print(f"resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
+
+    replicated, batch_sharding = sharding.replicated(run.mesh), sharding.batch_sharded(run.mesh)
+    train_step = jax.jit(
+        steps.make_train_step(run.model, run.tx, run.schedule, label_smoothing=config.label_smoothing,
+                              grad_accum_steps=config.grad_accum_steps),
+        in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
+    eval_step = jax.jit(steps.make_eval_step(run.model), in_shardings=(replicated, batch_sharding),
+                        out_shardings=replicated)
+
+    batches: Iterator[dict[str, np.ndarray]] = iter(data.train_batches(
+        config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count(), data_dir=config.data_dir,
+        cache=config.cache))
+
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    history: list[tuple[int, dict[str, float]]] = []
+    eval_metrics: dict[str, float] = {}
+    progress = tqdm.tqdm(total=run.num_steps, initial=start_step, disable=not is_lead, desc="train",
+                         unit="step", dynamic_ncols=True)
+    timer_start, timer_steps = time.perf_counter(), 0
+    compile_seconds: Optional[float] = None
+
+    def drain() -> None:
+        history.extend((s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending))
+        pending.clear()
+        _check_finite(history)
+
+    try:
+        for step in range(start_step + 1, run.num_steps + 1):
+            state, metrics = train_step(state, sharding.global_batch(next(batches), batch_sharding))
+            pending.append((step, metrics))
+            timer_steps += 1
+            if step == start_step + 1:  # the first step compiles: time the steps after it
+                jax.block_until_ready(metrics)
+                compile_seconds = time.perf_counter() - timer_start
+                timer_start, timer_steps = time.perf_counter(), 0
+            progress.update(1)
+            last = step == run.num_steps
+            if step % config.log_every_steps == 0 or last:
+                drain()
+                elapsed = time.perf_counter() - timer_start
+                summary = _mean_metrics(history)
+                if timer_steps:
+                    summary["steps_per_second"] = timer_steps / elapsed
+                    summary["examples_per_second"] = timer_steps * config.batch_size / elapsed
+                if compile_seconds is not None:
+                    summary["first_step_seconds"], compile_seconds = compile_seconds, None
+                writer.write(step, summary)
+                progress.set_postfix(loss=f"{summary['train_loss']:.3f}", acc=f"{summary['train_accuracy']:.3f}")
+                history.clear()
+            if step % config.checkpoint_every_steps == 0 or last:
+                drain()
+                checkpoints.save(manager, state, _run_meta(run, step))
+            if step % config.eval_every_steps == 0 or last:
+                eval_metrics = evaluate(run, eval_step, state)
+                writer.write(step, eval_metrics)
+                progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                            for k, v in eval_metrics.items()))
+            if step % config.log_every_steps == 0 or last:
+                timer_start, timer_steps = time.perf_counter(), 0
+    finally:
+        progress.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return eval_metrics
