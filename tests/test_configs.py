@@ -1,0 +1,45 @@
+"""Every shipped config resolves to a buildable run description: a known model, attention and schedule."""
+import importlib
+
+import jax
+import numpy as np
+import pytest
+
+from attn_flax import attention, models
+from attn_flax.training import loop, optim
+
+ARCHS = [f"{m},{a}" for m in ("resnet18", "resnet50") for a in ("none", "se", "eca", "cbam", "bam")]
+IMAGENET_ARCHS = [f"{m},{a}" for m in ("resnet50", "resnet101") for a in ("none", "se", "eca", "cbam", "bam")]
+CASES = ([("cifar10", a, 10, 50_000) for a in ARCHS] + [("cifar100", a, 100, 50_000) for a in ARCHS]
+         + [("imagenet", a, 1000, 1_281_167) for a in IMAGENET_ARCHS])
+
+
+@pytest.mark.parametrize("name, arch, num_classes, num_train", CASES)
+def test_config_resolves(name, arch, num_classes, num_train):
+    config = importlib.import_module(f"configs.{name}").get_config(arch)
+    model_name, attention_name = arch.split(",")
+    assert (config.model, config.attention) == (model_name, attention_name)
+    assert config.model in models.available()
+    assert config.attention == "none" or config.attention in attention.available()
+    model = loop.build_model(config, num_classes)
+    assert model.num_classes == num_classes and model.stem == ("imagenet" if name == "imagenet" else "cifar")
+    steps = loop.num_train_steps(config, num_train)
+    schedule = optim.learning_rate_schedule(config, steps, num_train // config.batch_size)
+    assert float(schedule(steps // 2)) > 0
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    assert f"--config=configs/{name}.py:" in doc and "Hardware" in doc and "Expected" in doc
+
+
+def test_imagenet_resnet50_cbam_has_the_papers_parameter_count():
+    config = importlib.import_module("configs.imagenet").get_config("resnet50,cbam")
+    model = loop.build_model(config, 1000)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32),
+                                               train=False))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    assert round(count / 1e6, 2) == 28.09
+
+
+def test_default_config_is_small_and_offline():
+    config = importlib.import_module("configs.default").get_config()
+    assert config.dataset == "attn_flax_shapes" and config.attention == "cbam"
+    assert loop.num_train_steps(config, 50_000) <= 2_000
