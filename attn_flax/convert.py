@@ -174,7 +174,7 @@ def from_official(state_dict: Mapping[str, Any], *, depth: int, attention: Optio
                     for key, (_, shape, _) in layout.items() if key in weights and weights[key].shape != shape]
     if missing or unexpected or wrong_shapes:
         raise CheckpointMismatchError(missing, unexpected, wrong_shapes, context)
-    converted = {path: jnp.asarray(_to_flax_layout(weights[key], path[-1]), dtype=dtype)
+    converted = {path: jnp.array(_to_flax_layout(weights[key], path[-1]), dtype=dtype, copy=True)
                  for key, (path, _, dtype) in layout.items()}
     return model, flax.traverse_util.unflatten_dict(converted)
 
