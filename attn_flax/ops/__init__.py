@@ -1,0 +1,9 @@
+"""Operations with faster gradients on CPU than XLA's defaults, chosen per platform at lowering time.
+
+    >>> from attn_flax import ops
+    >>> conv = ops.Conv(64, (3, 3), padding=1)           # same parameters as nn.Conv(64, (3, 3), padding=1)
+    >>> with ops.default_impl('xla'): ...                 # force XLA's native gradients in this scope
+"""
+from attn_flax.ops.conv import IMPLS, Conv, conv2d, default_impl
+
+__all__ = ["IMPLS", "Conv", "conv2d", "default_impl"]

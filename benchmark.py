@@ -1,0 +1,238 @@
+"""Benchmark a model: parameters, forward FLOPs, compile time, training step time, eval throughput, memory.
+
+    python benchmark.py --model=resnet18 --stem=cifar --attention=cbam --batch_size=128 --image_size=32 --steps=5
+    python benchmark.py ... --conv=xla,auto --vs-torch       # before/after and PyTorch, interleaved in one run
+    python benchmark.py ... --json                           # one JSON object on stdout
+
+The training step is the one every trainer runs: forward in train mode (BatchNorm batch statistics), softmax
+cross entropy, backward, SGD with momentum 0.9, on one fixed random batch. ``--conv`` lists convolution
+backward implementations (``attn_flax.ops.IMPLS``: 'auto' picks matrix-product gradients on CPU, 'xla' is XLA's
+native path, i.e. the behaviour of ``nn.Conv``); ``--vs-torch`` adds the same architecture in PyTorch
+(``tests/torch_reference.py``, imported from the repository's tests directory only when asked; needs torch),
+with the same optimiser and ``torch.set_num_threads`` set to the JAX process's core count. Step times are
+measured round-robin, one step of each variant in turn, so that load from other processes on the machine
+affects every variant alike; the median over ``--steps`` is reported.
+
+FLOPs come from XLA's cost analysis of the eval forward pass at batch 1 (a multiply-add counts 2; MACs are
+half). Peak memory is the process's peak resident set size (CPU has no allocator statistics), so it covers
+everything the run built, PyTorch included when ``--vs-torch`` is given.
+"""
+import argparse
+import functools
+import json
+import os
+import pathlib
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from attn_flax import models, ops
+
+TORCH_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line; see the module docstring."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18", choices=models.available())
+    p.add_argument("--stem", default="cifar", choices=models.STEMS)
+    p.add_argument("--attention", default="none", help="a registered attention name or 'none'")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--num_classes", type=int, default=None, help="default: 10 (cifar stem) or 1000 (imagenet)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per variant (after one warm-up)")
+    p.add_argument("--eval_batches", type=int, default=3)
+    p.add_argument("--conv", default="auto",
+                   help=f"comma-separated conv backward implementations to time, of {', '.join(ops.IMPLS)}")
+    p.add_argument("--vs-torch", dest="vs_torch", action="store_true",
+                   help="also time the same architecture in PyTorch and print the ratios")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = p.parse_args(argv)
+    args.convs = [c.strip() for c in args.conv.split(",") if c.strip()]
+    unknown = [c for c in args.convs if c not in ops.IMPLS]
+    if unknown or not args.convs:
+        p.error(f"--conv {args.conv!r}: each entry must be one of {', '.join(ops.IMPLS)}")
+    if args.num_classes is None:
+        args.num_classes = 10 if args.stem == "cifar" else 1000
+    if args.vs_torch and args.model not in TORCH_DEPTHS:
+        p.error(f"--vs-torch supports {', '.join(TORCH_DEPTHS)}, not {args.model}")
+    return args
+
+
+def make_batch(batch_size: int, image_size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random NHWC float32 batch and integer labels."""
+    rng = np.random.RandomState(0)
+    images = rng.randn(batch_size, image_size, image_size, 3).astype(np.float32)
+    return images, rng.randint(0, num_classes, size=batch_size).astype(np.int32)
+
+
+def _train_step_fn(model: Any, tx: optax.GradientTransformation) -> Callable:
+    def step(params, batch_stats, opt_state, images, labels):
+        def loss_fn(p):
+            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
+                                          mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        deltas, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, deltas), updates["batch_stats"], opt_state, loss
+
+    return step
+
+
+class FlaxRunner:
+    """One Flax training state and its compiled step, for one conv implementation."""
+
+    def __init__(self, model: Any, variables: dict, impl: str, images: np.ndarray, labels: np.ndarray):
+        self.name = f"flax[{impl}]"
+        tx = optax.sgd(0.1, momentum=0.9)
+        variables = jax.tree_util.tree_map(jnp.copy, variables)
+        self.state = (variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"]))
+        self.batch = (jnp.asarray(images), jnp.asarray(labels))
+        start = time.perf_counter()
+        with ops.default_impl(impl):
+            self.compiled = jax.jit(_train_step_fn(model, tx), donate_argnums=(0, 1, 2)).lower(
+                *self.state, *self.batch).compile()
+        self.compile_s = time.perf_counter() - start
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        params, batch_stats, opt_state, loss = self.compiled(*self.state, *self.batch)
+        loss.block_until_ready()
+        self.state = (params, batch_stats, opt_state)
+        return time.perf_counter() - start
+
+
+class TorchRunner:
+    """The same architecture in PyTorch (tests/torch_reference.py), SGD momentum 0.9, cross entropy."""
+
+    def __init__(self, args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, threads: int):
+        import torch
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "tests"))
+        import torch_reference
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        attention = None if args.attention == "none" else args.attention
+        self.model = torch_reference.ResNet(TORCH_DEPTHS[args.model], args.stem, args.num_classes,
+                                            attention=attention).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.name = "torch"
+        self.params = torch_reference.count_parameters(self.model)
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
+        loss.backward()
+        self.opt.step()
+        return time.perf_counter() - start
+
+
+def time_round_robin(runners: list[Any], steps: int) -> None:
+    """One warm-up step each, then ``steps`` rounds of one step per runner, recorded in ``runner.times``."""
+    for r in runners:
+        r.step()
+    for _ in range(steps):
+        for r in runners:
+            r.times.append(r.step())
+
+
+def forward_flops(model: Any, variables: dict, image_size: int) -> float:
+    """FLOPs of one image's eval forward pass, from XLA's cost analysis (a multiply-add counts 2)."""
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, x).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def eval_throughput(model: Any, variables: dict, images: np.ndarray, batches: int) -> float:
+    """Eval-mode images per second at the benchmark batch size (median over ``batches``)."""
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    x = jnp.asarray(images)
+    apply(variables, x).block_until_ready()
+    times = []
+    for _ in range(max(1, batches)):
+        start = time.perf_counter()
+        apply(variables, x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return images.shape[0] / statistics.median(times)
+
+
+def count_params(variables: dict) -> int:
+    """Trainable parameters (the ``params`` collection; BatchNorm statistics excluded, as the papers count)."""
+    return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(variables["params"])))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Runs the benchmark and returns its results as a dict (the ``--json`` object)."""
+    model = models.create_model(args.model, num_classes=args.num_classes, stem=args.stem,
+                                attention=None if args.attention == "none" else args.attention)
+    model = model.clone(conv=ops.Conv)
+    images, labels = make_batch(args.batch_size, args.image_size, args.num_classes)
+    variables = model.init(jax.random.PRNGKey(0), jnp.asarray(images[:1]), train=False)
+    flops = forward_flops(model, variables, args.image_size)
+    runners: list[Any] = [FlaxRunner(model, variables, impl, images, labels) for impl in args.convs]
+    if args.vs_torch:
+        runners.append(TorchRunner(args, images, labels, threads=os.cpu_count() or 1))
+    time_round_robin(runners, args.steps)
+    step_ms = {r.name: 1e3 * statistics.median(r.times) for r in runners}
+    primary = runners[0]
+    result = {
+        "model": args.model, "stem": args.stem, "attention": args.attention, "batch_size": args.batch_size,
+        "image_size": args.image_size, "platform": jax.default_backend(), "jax": jax.__version__,
+        "params": count_params(variables), "gflops": flops / 1e9, "gmacs": flops / 2e9,
+        "compile_s": primary.compile_s, "train_step_ms": step_ms[primary.name],
+        "eval_images_per_s": eval_throughput(model, variables, images, args.eval_batches),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "steps": args.steps, "step_ms": step_ms,
+        "compile_s_by_conv": {r.name: r.compile_s for r in runners if isinstance(r, FlaxRunner)},
+    }
+    if args.vs_torch:
+        import torch
+
+        result["torch"] = torch.__version__
+        result["torch_params"] = runners[-1].params
+        result["ratio_vs_torch"] = {name: ms / step_ms["torch"] for name, ms in step_ms.items() if name != "torch"}
+    return result
+
+
+def format_text(result: dict) -> str:
+    """The human-readable report."""
+    lines = [
+        f"{result['model']} stem={result['stem']} attention={result['attention']} batch={result['batch_size']} "
+        f"image={result['image_size']} ({result['platform']}, jax {result['jax']})",
+        f"  params            {result['params']:,}",
+        f"  forward           {result['gflops']:.3f} GFLOPs/image ({result['gmacs']:.3f} GMACs)",
+        f"  compile           {result['compile_s']:.1f} s",
+        f"  eval              {result['eval_images_per_s']:.0f} images/s",
+        f"  peak RSS          {result['peak_rss_mb']:.0f} MiB",
+        f"  train step (median of {result['steps']}, round-robin):",
+    ]
+    for name, ms in result["step_ms"].items():
+        ratio = result.get("ratio_vs_torch", {}).get(name)
+        lines.append(f"    {name:<14} {ms:9.1f} ms" + (f"   {ratio:.2f}x torch" if ratio is not None else ""))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    print(json.dumps(result) if args.json else format_text(result))
+
+
+if __name__ == "__main__":
+    main()

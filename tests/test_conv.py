@@ -1,0 +1,146 @@
+"""attn_flax.ops.conv: the matrix-product gradients equal XLA's native ones, and Conv is a drop-in for nn.Conv."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from attn_flax import ops
+from attn_flax.ops import conv as conv_lib
+
+# (batch, height, width, in, out, kernel, stride, padding, dilation): every conv shape the ResNets and the
+# attention modules use, plus the awkward cases (non-square input, batch 1, a batch the chunks do not divide).
+SHAPES = {
+    "3x3_stride1": (4, 8, 8, 8, 16, 3, 1, 1, 1),
+    "3x3_stride2": (4, 9, 9, 8, 16, 3, 2, 1, 1),
+    "1x1_stride1": (4, 8, 8, 16, 32, 1, 1, 0, 1),
+    "1x1_stride2": (4, 8, 8, 16, 32, 1, 2, 0, 1),
+    "7x7_stride2_stem": (2, 16, 16, 3, 16, 7, 2, 3, 1),
+    "3x3_dilation4_bam": (2, 12, 12, 16, 16, 3, 1, 4, 4),
+    "3x3_dilation4_bam_thin": (2, 12, 12, 4, 4, 3, 1, 4, 4),
+    "7x7_cbam_spatial": (3, 8, 8, 2, 1, 7, 1, 3, 1),
+    "non_square": (3, 6, 10, 8, 16, 3, 2, 1, 1),
+    "batch1": (1, 8, 8, 16, 16, 3, 1, 1, 1),
+    "same_padding_stride2": (2, 7, 7, 16, 16, 3, 2, "SAME", 1),
+    "asymmetric_pairs": (2, 7, 9, 16, 16, 3, 1, ((0, 2), (1, 0)), 1),
+}
+
+
+def _operands(shape, dtype=jnp.float32, seed=0):
+    n, h, w, cin, cout, k, _, _, _ = shape
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(kx, (n, h, w, cin), jnp.float32).astype(dtype)
+    kernel = (jax.random.normal(kw, (k, k, cin, cout), jnp.float32) / np.sqrt(k * k * cin)).astype(dtype)
+    return x, kernel, kg
+
+
+def _grads(shape, impl, x, kernel, kg):
+    _, _, _, _, _, _, stride, padding, dilation = shape
+    f = functools.partial(ops.conv2d, strides=(stride, stride), padding=padding, dilation=(dilation, dilation),
+                          impl=impl)
+    y, vjp = jax.vjp(f, x, kernel)
+    g = jax.random.normal(kg, y.shape, jnp.float32).astype(y.dtype)
+    return y, vjp(g)
+
+
+def _assert_close(actual, expected, rtol):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    scale = max(np.abs(expected).max(), 1e-6)
+    np.testing.assert_allclose(actual / scale, expected / scale, atol=rtol, rtol=0)
+
+
+@pytest.mark.parametrize("name,impl", [(name, "matmul") for name in sorted(SHAPES)]
+                         + [("3x3_stride2", "auto"), ("7x7_cbam_spatial", "auto")])
+def test_gradients_equal_xla(name, impl):
+    shape = SHAPES[name]
+    x, kernel, kg = _operands(shape)
+    y_ref, (dx_ref, dw_ref) = _grads(shape, "xla", x, kernel, kg)
+    y, (dx, dw) = jax.jit(lambda a, b: _grads(shape, impl, a, b, kg))(x, kernel)
+    _assert_close(y, y_ref, 1e-6)
+    _assert_close(dx, dx_ref, 1e-5)
+    _assert_close(dw, dw_ref, 1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_weight_grad_batch_chunks_with_remainder(chunk):
+    shape = (7, 6, 6, 8, 8, 3, 2, 1, 1)
+    x, kernel, kg = _operands(shape)
+    _, (_, dw_ref) = _grads(shape, "xla", x, kernel, kg)
+    g = jax.random.normal(kg, conv_lib.xla_conv(x, kernel, (2, 2), ((1, 1), (1, 1)), (1, 1)).shape)
+    dw = jax.jit(functools.partial(conv_lib.matmul_weight_grad, kernel_hw=(3, 3), strides=(2, 2),
+                                   padding=((1, 1), (1, 1)), dilation=(1, 1), chunk=chunk))(x, g)
+    _assert_close(dw, dw_ref, 1e-5)
+
+
+def test_bfloat16_gradients_accumulate_in_float32():
+    shape = (4, 6, 6, 16, 16, 3, 1, 1, 1)
+    x, kernel, kg = _operands(shape, jnp.bfloat16)
+    _, (dx_ref, dw_ref) = _grads(shape, "xla", x.astype(jnp.float32), kernel.astype(jnp.float32), kg)
+    _, (dx, dw) = jax.jit(lambda a, b: _grads(shape, "matmul", a, b, kg))(x, kernel)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    _assert_close(dx, dx_ref, 2e-2)
+    _assert_close(dw, dw_ref, 2e-2)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(features=16, kernel_size=(3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False),
+    dict(features=8, kernel_size=(3, 3), padding=4, kernel_dilation=4),
+    dict(features=1, kernel_size=(7, 7), padding=3, use_bias=False),
+    dict(features=16, kernel_size=(3, 3), padding="SAME", dtype=jnp.bfloat16),
+    dict(features=16, kernel_size=(3, 3), padding=1, feature_group_count=4),
+])
+def test_conv_module_matches_nn_conv(kwargs):
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 8))
+    reference, ours = nn.Conv(**kwargs), ops.Conv(**kwargs)
+    params_ref = reference.init(jax.random.PRNGKey(2), x)
+    params = ours.init(jax.random.PRNGKey(2), x)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params_ref)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, params_ref)
+    _assert_close(ours.apply(params, x), reference.apply(params_ref, x), 1e-6)
+
+
+class _TinyNet(nn.Module):
+    """Stem, strided block with a 1x1 shortcut, a dilated conv, global pool: every conv kind in two layers."""
+
+    conv: type = ops.Conv
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(self.conv(8, (7, 7), strides=2, padding=3, use_bias=False)(x))
+        y = nn.relu(self.conv(16, (3, 3), strides=2, padding=1)(x))
+        y = self.conv(16, (3, 3), padding=2, kernel_dilation=2)(y)
+        x = nn.relu(y + self.conv(16, (1, 1), strides=2, padding=0, use_bias=False)(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_network_gradients_equal_across_impls_under_jit():
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 16, 12, 3))
+    labels = jnp.array([0, 1, 2, 0, 1])
+    net = _TinyNet()
+    params = net.init(jax.random.PRNGKey(1), x)
+
+    def loss(p, impl):
+        with ops.default_impl(impl):
+            logits = net.apply(p, x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+
+    grads = {impl: jax.jit(jax.grad(functools.partial(loss, impl=impl)))(params) for impl in ("xla", "auto")}
+    jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, 1e-5), grads["auto"], grads["xla"])
+
+
+def test_auto_uses_matmul_gradients_on_cpu_only():
+    x, kernel, _ = _operands((2, 8, 8, 16, 32, 3, 1, 1, 1))
+    f = jax.grad(lambda b: jnp.sum(ops.conv2d(x, b, padding=1) ** 2))
+    cpu_hlo = jax.jit(f).lower(kernel).as_text(dialect="hlo")
+    assert cpu_hlo.count(" dot(") >= 9, "the CPU lowering should hold one product per kernel tap"
+    gpu_hlo = jax.jit(f).trace(kernel).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
+    assert " dot(" not in gpu_hlo and gpu_hlo.count("convolution(") >= 2
+
+
+def test_invalid_impl_and_padding_are_rejected():
+    with pytest.raises(ValueError, match="impl"):
+        ops.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fast")
+    with pytest.raises(ValueError, match="padding"):
+        ops.Conv(1, (3, 3), padding="CIRCULAR").init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))
