@@ -234,7 +234,10 @@ def read_checkpoint(path: str | pathlib.Path) -> Mapping[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m attn_flax.convert``: an official ``.pth.tar`` -> an attn_flax checkpoint directory."""
-    parser = argparse.ArgumentParser(prog="python -m attn_flax.convert", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m attn_flax.convert",
+        description="Converts an official CBAM/BAM ResNet checkpoint (Jongchan/attention-module .pth.tar) into an "
+                    "attn_flax directory (model.json + Orbax variables) that attn_flax.convert.load_converted reads.")
     parser.add_argument("--checkpoint", required=True, help="official .pth.tar (or a bare state dict)")
     parser.add_argument("--depth", type=int, required=True, choices=DEPTHS)
     parser.add_argument("--attention", default="none", choices=("none", "cbam", "bam"))
@@ -243,6 +246,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite an existing converted checkpoint")
     args = parser.parse_args(argv)
 
+    if (pathlib.Path(args.output) / VARIABLES_DIR).exists() and not args.force:
+        print(f"{args.output} already holds a converted checkpoint; pass --force to overwrite it", file=sys.stderr)
+        return 1
     state = read_checkpoint(args.checkpoint)
     try:
         model, variables = from_official(state, depth=args.depth, attention=args.attention, stem=args.stem)

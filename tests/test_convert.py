@@ -197,3 +197,6 @@ def test_command_line_converts_an_official_checkpoint_file(torch_reference, tmp_
 
     assert convert.main(["--checkpoint", str(checkpoint), "--depth", "34", "--attention", "cbam",
                          "--stem", "cifar", "--output", str(tmp_path / "wrong")]) == 1
+    assert not (tmp_path / "wrong").exists()
+    assert convert.main(["--checkpoint", str(checkpoint), "--depth", "18", "--attention", "cbam",
+                         "--stem", "cifar", "--output", str(output)]) == 1

@@ -78,6 +78,8 @@ def test_create_model_rejects_unknown_names_listing_the_valid_ones():
         models.create_model("resnet18", num_classes=10, reduction=8)
     with pytest.raises(ValueError, match="takes no option 'combine'"):
         models.create_model("resnet18", num_classes=10, attention="cbam", combine="product")
+    with pytest.raises(TypeError, match="attention must be an AttentionFactory"):
+        models.ResNet18(num_classes=10, attention="cbam")
 
 
 def test_create_model_passes_attention_options_to_the_factory():

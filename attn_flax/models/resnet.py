@@ -164,6 +164,9 @@ class ResNet(nn.Module):
     def __post_init__(self):
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; valid stems: {', '.join(STEMS)}")
+        if self.attention is not None and not isinstance(self.attention, AttentionFactory):
+            raise TypeError(f"attention must be an AttentionFactory (attn_flax.attention.factory(name)) or None, "
+                            f"got {self.attention!r}; create_model accepts attention names")
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} must have "
                              "the same length")
