@@ -109,12 +109,15 @@ def _to_torch_shape(shape: Sequence[int], leaf: str) -> tuple[int, ...]:
 
 
 def _as_numpy(value: Any) -> np.ndarray:
+    """A NumPy array from a NumPy array or a torch tensor (any device; half precisions widened to float32)."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
-        if getattr(value, "is_floating_point", lambda: False)():
-            value = value.float()
-        value = value.numpy()
+        value = (value.float() if value.is_floating_point() else value).numpy()
     return np.asarray(value)
+
+
+def _attention_name(attention: Optional[str]) -> Optional[str]:
+    return None if attention is None or attention.lower() == "none" else attention.lower()
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -131,7 +134,7 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def official_model(depth: int, attention: Optional[str], stem: str, num_classes: int) -> nn.Module:
     """The attn_flax ResNet that computes what the official code computes for these settings."""
-    attention = None if attention is None or attention.lower() == "none" else attention.lower()
+    attention = _attention_name(attention)
     if depth not in DEPTHS:
         raise ValueError(f"unsupported depth {depth}; valid depths: {', '.join(map(str, DEPTHS))}")
     if attention not in ATTENTIONS:
@@ -190,8 +193,9 @@ def to_official(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return state
 
 
-def _model_spec(model: nn.Module, depth: int, attention: Optional[str], stem: str) -> dict[str, Any]:
-    attention = None if attention is None or attention.lower() == "none" else attention.lower()
+def model_spec(model: nn.Module, depth: int, attention: Optional[str], stem: str) -> dict[str, Any]:
+    """The ``model.json`` description of a converted official model: what :func:`load_converted` rebuilds."""
+    attention = _attention_name(attention)
     return {"model": f"resnet{depth}", "depth": depth, "attention": attention,
             "attention_options": OFFICIAL_ATTENTION_OPTIONS[attention], "stem": stem,
             "num_classes": model.num_classes}
@@ -255,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CheckpointMismatchError as error:
         print(error, file=sys.stderr)
         return 1
-    spec = _model_spec(model, args.depth, args.attention, args.stem)
+    spec = model_spec(model, args.depth, args.attention, args.stem)
     spec["source"] = str(pathlib.Path(args.checkpoint).name)
     output = save_converted(args.output, spec, variables, force=args.force)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))

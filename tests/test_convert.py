@@ -115,8 +115,9 @@ def test_mismatched_state_dicts_raise_one_error_listing_every_problem():
 def test_saved_conversion_loads_back_as_the_same_model_and_variables(tmp_path):
     model, variables = convert.from_official(random_official_state_dict(18, "bam", "cifar"), depth=18,
                                              attention="bam", stem="cifar")
-    spec = {"model": "resnet18", "depth": 18, "attention": "bam", "attention_options": {"combine": "product"},
-            "stem": "cifar", "num_classes": 10}
+    spec = convert.model_spec(model, 18, "bam", "cifar")
+    assert spec == {"model": "resnet18", "depth": 18, "attention": "bam", "attention_options": {"combine": "product"},
+                    "stem": "cifar", "num_classes": 10}
     convert.save_converted(tmp_path / "converted", spec, variables)
     loaded_model, loaded = convert.load_converted(tmp_path / "converted")
     assert loaded_model == model
