@@ -2,10 +2,19 @@
 
 Multi-host: pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every process, or
 run under a cluster that JAX detects by itself (TPU pods, SLURM, Open MPI), where ``jax.distributed`` is
-initialised without flags. A config the run cannot use fails in one line with exit code 2.
+initialised without flags.
+
+Exit codes: 0 when the run finished or was preempted (SIGTERM: a checkpoint is saved at the current step and the
+same command continues the run); 2 for a config or command line the run cannot use (one line on stderr, before
+anything compiles); 1 when training stopped on an error (a non-finite loss, no readable checkpoint), also in one
+line. A run killed outright (``kill -9``, a lost machine) resumes from its latest checkpoint, exactly.
 """
+import contextlib
 import os
+import re
 import sys
+import tempfile
+from typing import Iterator, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -16,11 +25,50 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                       "configs", "default.py"),
-                                "Config file; override fields with --config.KEY=VALUE.", lock_config=True)
+flags.DEFINE_integer("initialization_timeout", 300,
+                     "Seconds a multi-process run waits at start-up for every process to connect.")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
+                     "Seconds without a heartbeat after which a process of a multi-process run counts as dead "
+                     "and the others exit with an error.")
+flags.DEFINE_integer("shutdown_timeout_seconds", 300,
+                     "Seconds a finishing process waits at the shutdown barrier for the others.")
 
 CLUSTER_ENV_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Prints ``train.py: error: MESSAGE`` as one line and exits with ``code``."""
+    print(f"train.py: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def unknown_field(err: Exception, argv: list[str]) -> NoReturn:
+    """Exits in one line for ml_collections' error on ``--config.KEY=V`` naming a field the config lacks."""
+    lines = str(err.args[0] if err.args else err).replace("\\n", "\n").replace("\\'", "'").strip("'\"")
+    lines = lines.splitlines()
+    key = lines[0].strip("'\"") if lines else "?"
+    given = [a.split("=")[0] for a in argv[1:] if re.match(rf"--config\.([\w.]+\.)?{re.escape(key)}(=|$)", a)]
+    hint = f" ({lines[1].strip().rstrip('?')}?)" if len(lines) > 1 and "mean" in lines[1] else ""
+    fail(f"{given[0] if given else key}: the config has no field {key!r}{hint}; --config.KEY=VALUE sets only "
+         "fields that the config file defines (see configs/default.py)", 2)
+
+
+try:  # ml_collections applies --config.KEY=V overrides here, at definition
+    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                           "configs", "default.py"),
+                                    "Config file; override fields with --config.KEY=VALUE.", lock_config=True)
+except (KeyError, AttributeError) as _err:
+    unknown_field(_err, sys.argv)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every command-line mistake reported in one line and exit code 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        fail(f"{err}; see --helpfull", 2)
+    except (KeyError, AttributeError) as err:
+        unknown_field(err, argv)
 
 
 def cluster_detected() -> bool:
@@ -32,30 +80,67 @@ def cluster_detected() -> bool:
 
 
 def initialize_distributed() -> None:
+    """``jax.distributed.initialize`` from the flags or the cluster; nothing for a single process."""
     import jax
 
-    explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise app.UsageError("give all of --coordinator_address, --num_processes and --process_id, or none")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    timeouts = dict(initialization_timeout=FLAGS.initialization_timeout,
+                    heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
+                    shutdown_timeout_seconds=FLAGS.shutdown_timeout_seconds)
+    if FLAGS.coordinator_address is not None:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, **timeouts)
     elif cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
+
+
+class _Held:
+    show = True
+
+
+@contextlib.contextmanager
+def stderr_held() -> Iterator[_Held]:
+    """Holds back what is written to file descriptor 2 (TensorFlow's and XLA's start-up chatter included) and
+    writes it out at the end of the block, unless the block sets ``show = False`` on what it yields."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = _Held()
+    with tempfile.TemporaryFile() as buffer:
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.show:
+                buffer.seek(0)
+                sys.stderr.buffer.write(buffer.read())
+                sys.stderr.flush()
 
 
 def main(argv):
     del argv
-    from attn_flax.training import loop
-
     absl_logging.set_verbosity(absl_logging.WARNING)
-    initialize_distributed()
+    explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+    if any(v is None for v in explicit) and any(v is not None for v in explicit):
+        fail("give all of --coordinator_address, --num_processes and --process_id, or none", 2)
+    config_error = None
+    with stderr_held() as held:
+        from attn_flax.training import checkpoints, loop
+
+        initialize_distributed()
+        try:
+            run = loop.prepare(FLAGS.config)
+        except loop.ConfigError as err:
+            config_error, held.show = err, False
+    if config_error is not None:
+        fail(str(config_error), 2)
     try:
-        run = loop.prepare(FLAGS.config)
+        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, run)
     except loop.ConfigError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, run)
+        fail(str(err), 2)
+    except (loop.NonFiniteLossError, checkpoints.CheckpointError) as err:
+        fail(str(err), 1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,10 +2,17 @@
 
 :func:`prepare` checks the config and builds everything that needs no compilation, so a user's typo fails in
 seconds; :func:`train_and_evaluate` then runs (or resumes) the run in ``workdir``.
+
+Fault tolerance: the run resumes from its newest readable checkpoint, exactly (state, RNG key and input position);
+SIGTERM (a preemption notice) saves a checkpoint at the current step and returns; a non-finite loss, parameter or
+BatchNorm statistic stops the run before it is checkpointed (:class:`NonFiniteLossError`).
 """
+import contextlib
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Iterator, Optional
 
@@ -116,6 +123,12 @@ class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN or infinite."""
 
 
+def _all_finite(state: TrainState) -> jax.Array:
+    """True when every parameter and BatchNorm statistic is finite."""
+    leaves = jax.tree.leaves((state.params, state.batch_stats))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _check_finite(history: list[tuple[int, dict[str, float]]]) -> None:
     for step, metrics in history:
         if not math.isfinite(metrics["train_loss"]):
@@ -130,11 +143,43 @@ def _mean_metrics(history: list[tuple[int, dict[str, float]]]) -> dict[str, floa
     return out
 
 
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while the block runs (the previous handler is restored after it).
+
+    Under ``jax.distributed`` JAX's preemption sync manager owns SIGTERM (it agrees a step with every process,
+    see :func:`_preempted`), so no handler is installed there, nor outside the main thread.
+    """
+    event = threading.Event()
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _preempted(manager, step: int, sigterm: threading.Event) -> bool:
+    """True at the step where the run should save and stop: SIGTERM seen (one process), or the step all
+    processes agreed on through JAX's preemption sync point (``reached_preemption``, several processes)."""
+    if jax.process_count() > 1:
+        return manager.reached_preemption(step)
+    return sigterm.is_set()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Optional[Run] = None
                        ) -> dict[str, float]:
     """Trains (resuming from ``workdir``'s latest checkpoint if any), evaluates, checkpoints; returns the last
     eval metrics."""
     run = run or prepare(config)
+    with _sigterm_flag() as sigterm:
+        return _train_and_evaluate(config, workdir, run, sigterm)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run, sigterm: threading.Event
+                        ) -> dict[str, float]:
     is_lead = jax.process_index() == 0
     if is_lead:
         os.makedirs(workdir, exist_ok=True)
@@ -161,6 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Opt
         in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
     eval_step = jax.jit(steps.make_eval_step(run.model), in_shardings=(replicated, batch_sharding),
                         out_shardings=replicated)
+    all_finite = jax.jit(_all_finite, in_shardings=(replicated,), out_shardings=replicated)
 
     batches: Iterator[dict[str, np.ndarray]] = iter(data.train_batches(
         config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
@@ -181,6 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Opt
         _check_finite(history)
 
     try:
+        if _preempted(manager, start_step, sigterm):
+            if is_lead:
+                print(f"preempted before step {start_step + 1}: nothing new to save", flush=True)
+            return eval_metrics
         for step in range(start_step + 1, run.num_steps + 1):
             state, metrics = train_step(state, sharding.global_batch(next(batches), batch_sharding))
             pending.append((step, metrics))
@@ -191,7 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Opt
                 timer_start, timer_steps = time.perf_counter(), 0
             progress.update(1)
             last = step == run.num_steps
-            if step % config.log_every_steps == 0 or last:
+            stop = not last and _preempted(manager, step, sigterm)
+            if step % config.log_every_steps == 0 or last or stop:
                 drain()
                 elapsed = time.perf_counter() - timer_start
                 summary = _mean_metrics(history)
@@ -203,15 +254,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Opt
                 writer.write(step, summary)
                 progress.set_postfix(loss=f"{summary['train_loss']:.3f}", acc=f"{summary['train_accuracy']:.3f}")
                 history.clear()
-            if step % config.checkpoint_every_steps == 0 or last:
+            if step % config.checkpoint_every_steps == 0 or last or stop:
                 drain()
+                if not bool(all_finite(state)):
+                    raise NonFiniteLossError(f"parameters or BatchNorm statistics are not finite after step {step}; "
+                                             "the last good checkpoint is kept: lower the learning rate")
                 checkpoints.save(manager, state, _run_meta(run, step))
+            if stop:
+                if is_lead:
+                    progress.write(f"preempted: saved a checkpoint at step {step} in {workdir}; run the same "
+                                   "command to continue")
+                break
             if step % config.eval_every_steps == 0 or last:
                 eval_metrics = evaluate(run, eval_step, state)
                 writer.write(step, eval_metrics)
                 progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                             for k, v in eval_metrics.items()))
-            if step % config.log_every_steps == 0 or last:
+            if step % config.log_every_steps == 0 or last or stop:
                 timer_start, timer_steps = time.perf_counter(), 0
     finally:
         progress.close()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from attn_flax.training.state import TrainState
+from attn_flax.training.state import TrainState, step_rng
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -37,9 +37,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns ``train_step(state, batch) -> (state, metrics)`` with loss, accuracy and learning rate."""
 
-    def loss_fn(params, batch_stats, images, labels):
+    def loss_fn(params, batch_stats, images, labels, rng):
         logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                      mutable=["batch_stats"])
+                                      mutable=["batch_stats"], rngs={"dropout": rng})
         loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
         return loss, (updates["batch_stats"], correct)
@@ -47,19 +47,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def gradients(state: TrainState, batch: Batch):
+        rng = step_rng(state)
         if grad_accum_steps == 1:
             (loss, (batch_stats, correct)), grads = grad_fn(state.params, state.batch_stats, batch["image"],
-                                                            batch["label"])
+                                                            batch["label"], rng)
             return loss, correct, batch_stats, grads
 
         def micro_step(carry, micro):
             loss_sum, correct_sum, batch_stats, grad_sum = carry
-            (loss, (batch_stats, correct)), grads = grad_fn(state.params, batch_stats, *micro)
+            images, labels, index = micro
+            (loss, (batch_stats, correct)), grads = grad_fn(state.params, batch_stats, images, labels,
+                                                            jax.random.fold_in(rng, index))
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (loss_sum + loss, correct_sum + correct, batch_stats, grad_sum), None
 
         micro = (_split_micro_batches(batch["image"], grad_accum_steps),
-                 _split_micro_batches(batch["label"], grad_accum_steps))
+                 _split_micro_batches(batch["label"], grad_accum_steps), jnp.arange(grad_accum_steps))
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), state.batch_stats, zeros)
         (loss_sum, correct, batch_stats, grad_sum), _ = jax.lax.scan(micro_step, init, micro)
