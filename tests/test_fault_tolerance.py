@@ -1,0 +1,288 @@
+"""What a run survives: kill -9 at a random moment, SIGTERM, damaged checkpoints, NaN, bad configs, a dead peer.
+
+Most tests run ``train.py`` in subprocesses on the tiny model and the tiny offline dataset, as a user would; the
+exact-resume tests compare final parameters bit for bit with an uninterrupted run of the same config (a cosine
+schedule, so the learning rate depends on the planned length and a resumed run must plan the same length).
+"""
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from attn_flax import data
+from attn_flax.training import checkpoints, loop
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DATASET = "attn_flax_shapes/tiny"
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+       "JAX_COMPILATION_CACHE_DIR": os.path.join(REPO, ".jax_cache"), "PYTHONUNBUFFERED": "1",
+       "TF_CPP_MIN_LOG_LEVEL": "2"}
+TINY = dict(dataset=TINY_DATASET, widths=(8, 16, 16, 16), stage_sizes=(1, 1, 1, 1), batch_size=16,
+            eval_batch_size=32, eval_every_steps=1000, keep_checkpoints=3)
+# The resumed runs: a cosine schedule with warmup over 40 steps, a checkpoint every 5.
+LONG = dict(TINY, num_train_steps=40, log_every_steps=5, checkpoint_every_steps=5)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.dataset_info(TINY_DATASET, data_dir=path)
+    return path
+
+
+def config_of(data_dir, **fields):
+    config = default.get_config()
+    config.update(dict(data_dir=data_dir, **fields))
+    return config
+
+
+def flag_value(value):
+    return "(" + ",".join(map(str, value)) + ")" if isinstance(value, tuple) else str(value)
+
+
+def train_args(workdir, data_dir, **fields):
+    return [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
+            f"--config.data_dir={data_dir}", *(f"--config.{k}={flag_value(v)}" for k, v in fields.items())]
+
+
+def start(args, **kwargs):
+    return subprocess.Popen(args, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def finish(proc, timeout=300):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, out, err
+
+
+def committed_steps(workdir):
+    path = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+def wait_for_checkpoint(proc, workdir, timeout=240):
+    """Waits until the run has committed a checkpoint (so it is past start-up and inside the loop)."""
+    deadline = time.monotonic() + timeout
+    while not committed_steps(workdir):
+        assert proc.poll() is None, f"the run ended early: {finish(proc)}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def params_at(workdir, step):
+    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return restored["params"]
+
+
+def assert_same_params(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    """Final parameters of the LONG run, never interrupted."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    loop.train_and_evaluate(config_of(data_dir, **LONG), workdir)
+    return params_at(workdir, LONG["num_train_steps"])
+
+
+def test_kill_9_at_a_random_moment_then_restart_equals_uninterrupted(tmp_path, data_dir, uninterrupted):
+    """SIGKILL at a random moment after the first checkpoint (possibly mid-save), restart: same final
+    parameters as the uninterrupted run, bit for bit; an uncommitted save left behind is removed, not read."""
+    workdir = str(tmp_path / "run")
+    proc = start(train_args(workdir, data_dir, **LONG))
+    wait_for_checkpoint(proc, workdir)
+    delay = random.Random().uniform(0.0, 1.5)
+    time.sleep(delay)
+    assert proc.poll() is None, "the run finished before the kill; lengthen LONG"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    resume_step = committed_steps(workdir)[-1]
+    assert resume_step < LONG["num_train_steps"]
+    # A save cut short leaves only a temporary directory; plant one to be sure the restart copes with it.
+    leftover = os.path.join(workdir, "checkpoints", f"{resume_step + 5}.orbax-checkpoint-tmp-1234567890")
+    os.makedirs(os.path.join(leftover, "state"), exist_ok=True)
+    with open(os.path.join(leftover, "state", "_METADATA"), "w") as f:
+        f.write("{partial")
+
+    code, out, err = finish(start(train_args(workdir, data_dir, **LONG)))
+    assert code == 0, err[-3000:]
+    assert f"resuming from the checkpoint at step {resume_step}" in out, (delay, out)
+    assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+    assert_same_params(params_at(workdir, LONG["num_train_steps"]), uninterrupted)
+
+
+def test_sigterm_saves_at_the_current_step_exits_0_and_the_restart_continues(tmp_path, data_dir, uninterrupted):
+    workdir = str(tmp_path / "run")
+    proc = start(train_args(workdir, data_dir, **LONG))
+    wait_for_checkpoint(proc, workdir)
+    time.sleep(random.Random().uniform(0.0, 1.0))
+    assert proc.poll() is None
+    periodic = committed_steps(workdir)[-1]
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code, out, err = finish(proc, timeout=60)
+    seconds = time.monotonic() - sent
+    print(f"SIGTERM to exit: {seconds:.2f} s")
+    assert code == 0, err[-3000:]
+    assert seconds < 30, "a typical grace period is 30 s"
+    saved = int(re.search(r"preempted: saved a checkpoint at step (\d+)", out).group(1))
+    assert periodic <= saved < LONG["num_train_steps"] and committed_steps(workdir)[-1] == saved
+
+    code, out, err = finish(start(train_args(workdir, data_dir, **LONG)))
+    assert code == 0, err[-3000:]
+    assert f"resuming from the checkpoint at step {saved}" in out
+    assert_same_params(params_at(workdir, LONG["num_train_steps"]), uninterrupted)
+
+
+def test_damaged_checkpoints_are_moved_aside_and_the_run_continues_from_the_last_good_one(
+        tmp_path, data_dir, caplog, capsys):
+    """Checkpoint 6 full of garbage and checkpoint 4 without its state: the run warns, resumes from 2, keeps
+    both damaged ones in checkpoints_damaged/, saves 4 and 6 anew, and ends as an uninterrupted run."""
+    short = dict(TINY, schedule="constant", warmup_epochs=0.0, log_every_steps=2, checkpoint_every_steps=2)
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config_of(data_dir, **short, num_train_steps=6), workdir)
+    assert committed_steps(workdir) == [2, 4, 6]
+    state_6 = os.path.join(workdir, "checkpoints", "6", "state")
+    for root, _, files in os.walk(state_6):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    os.rename(os.path.join(workdir, "checkpoints", "4", "state"), os.path.join(workdir, "checkpoints", "4", "gone"))
+    capsys.readouterr()
+
+    loop.train_and_evaluate(config_of(data_dir, **short, num_train_steps=8), workdir)
+    assert "resuming from the checkpoint at step 2" in capsys.readouterr().out
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert len(warnings) == 2 and "checkpoint 6" in warnings[0] and "checkpoint 4" in warnings[1], warnings
+    damaged = sorted(os.listdir(os.path.join(workdir, checkpoints.DAMAGED)))
+    assert [d.split("-")[0] for d in damaged] == ["4", "6"]
+    with open(os.path.join(workdir, checkpoints.DAMAGED, damaged[1], "state", "_METADATA"), "rb") as f:
+        assert f.read() == b"garbage", "the damaged checkpoint is kept as it was"
+    assert committed_steps(workdir) == [4, 6, 8]
+
+    reference = str(tmp_path / "uninterrupted")
+    loop.train_and_evaluate(config_of(data_dir, **short, num_train_steps=8), reference)
+    assert_same_params(params_at(workdir, 8), params_at(reference, 8))
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    """Learning rate 1e5: the loss becomes NaN within a few steps; the run exits 1 with one error line naming
+    the step, and every checkpoint left is from before that step and finite."""
+    workdir = str(tmp_path / "run")
+    code, _, err = finish(start(train_args(
+        workdir, data_dir, **dict(TINY, base_learning_rate=1e5, schedule="constant", warmup_epochs=0.0,
+                                  num_train_steps=12, log_every_steps=1, checkpoint_every_steps=2))))
+    assert code == 1, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    match = re.match(r"train\.py: error: .* (?:at|after) step (\d+);", last)
+    assert match and "not finite" in last or re.search(r"loss is (nan|inf|-inf)", last), last
+    bad_step = int(match.group(1))
+    kept = committed_steps(workdir)
+    assert kept and kept[-1] < bad_step, (kept, last)
+    for leaf in jax.tree.leaves(params_at(workdir, kept[-1])):
+        assert np.all(np.isfinite(leaf))
+
+
+def _option_config(tmp_path):
+    path = tmp_path / "bad_option.py"
+    path.write_text("from configs import default\n\n\ndef get_config():\n    config = default.get_config()\n"
+                    "    config.attention_options.reductio = 8\n    return config\n")
+    return f"--config={path}"
+
+
+BAD_CONFIGS = {
+    "unknown model": (["--config.model=resnet19"], "unknown model 'resnet19'"),
+    "unknown attention": (["--config.attention=cbamm"], "unknown attention 'cbamm'"),
+    "unknown attention option": ([_option_config], "takes no option 'reductio'"),
+    "unknown config field": (["--config.batch_sizee=32"], "no field 'batch_sizee'"),
+    "unknown dataset": (["--config.dataset=imagenet2013"], "unknown dataset 'imagenet2013'"),
+    "dataset not prepared": (["--config.dataset=cifar10"], "tfds build cifar10"),
+    "batch size vs devices": (["--config.batch_size=18"], "divisible by the number of devices (4)"),
+}
+
+
+def test_each_bad_config_fails_in_one_line_with_exit_code_2_before_compiling(tmp_path, data_dir):
+    """All cases run at once; each prints one line that says what is wrong and what to do, creates no workdir
+    (nothing was compiled or trained), and takes about the time of importing jax and tensorflow."""
+    empty_data_dir = str(tmp_path / "empty_tfds")
+    os.makedirs(empty_data_dir)
+    procs = {}
+    for name, (extra, _) in BAD_CONFIGS.items():
+        extra = [e(tmp_path) if callable(e) else e for e in extra]
+        args = train_args(tmp_path / name.replace(" ", "_"),
+                          empty_data_dir if name == "dataset not prepared" else data_dir, dataset=TINY_DATASET)
+        files = [a for a in extra if a.startswith("--config=")]
+        overrides = [a for a in extra if a not in files]
+        procs[name] = (start(args[:2] + files + args[2:] + overrides), time.monotonic())  # the last flag wins
+    ended = {}
+    deadline = time.monotonic() + 240
+    while len(ended) < len(procs) and time.monotonic() < deadline:
+        for name, (proc, started) in procs.items():
+            if name not in ended and proc.poll() is not None:
+                ended[name] = time.monotonic() - started
+        time.sleep(0.05)
+    for name, (proc, started) in procs.items():
+        code, out, err = finish(proc, timeout=10)
+        seconds = ended[name]
+        print(f"{name}: {seconds:.1f} s")
+        lines = err.strip().splitlines()
+        assert code == 2, (name, err[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("train.py: error: "), (name, err[-2000:])
+        assert BAD_CONFIGS[name][1] in lines[0], (name, lines[0])
+        assert out == ""
+        assert not (tmp_path / name.replace(" ", "_")).exists(), "nothing ran"
+        assert seconds < 120
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_process_killed_in_a_two_process_run_makes_the_other_exit(tmp_path, data_dir):
+    """Process 1 of 2 is killed mid-run; process 0 exits with an error within about the heartbeat timeout
+    instead of waiting forever in a collective, and the checkpoints already saved stay."""
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = _free_port()
+    workdir = str(tmp_path / "run")
+    args = train_args(workdir, data_dir, **dict(TINY, eval_batch_size=24, num_train_steps=400, log_every_steps=1,
+                                                 checkpoint_every_steps=2))
+    args += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--heartbeat_timeout_seconds=5"]
+    procs = [subprocess.Popen(args + [f"--process_id={i}"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        wait_for_checkpoint(procs[0], workdir, timeout=400)
+        assert procs[1].poll() is None
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        seconds = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    print(f"survivor exited {seconds:.1f} s after its peer was killed, status {procs[0].returncode}")
+    assert procs[0].returncode != 0
+    assert seconds < 60
+    assert "heartbeat" in err or "distributed service detected fatal errors" in err, err[-3000:]
+    assert committed_steps(workdir)
