@@ -1,0 +1,44 @@
+"""What the entry scripts share: one-line errors with an exit code, and start-up chatter held back.
+
+Exit codes of the scripts: 0 done; 2 a command line or input the script cannot use (one line on stderr);
+1 a failure while running (also one line).
+"""
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Iterator, NoReturn
+
+
+def fail(program: str, message: str, code: int = 2) -> NoReturn:
+    """Prints ``PROGRAM: error: MESSAGE`` as one line on stderr and exits with ``code``."""
+    print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+class Held:
+    """Set ``show = False`` inside :func:`stderr_held` to drop what was held back."""
+
+    show = True
+
+
+@contextlib.contextmanager
+def stderr_held() -> Iterator[Held]:
+    """Holds back what is written to file descriptor 2 (TensorFlow's and XLA's start-up chatter included) and
+    writes it out at the end of the block, unless the block sets ``show = False`` on what it yields, so that an
+    error can be reported as the only line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = Held()
+    with tempfile.TemporaryFile() as buffer:
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.show:
+                buffer.seek(0)
+                sys.stderr.buffer.write(buffer.read())
+                sys.stderr.flush()

@@ -1,0 +1,50 @@
+"""Scoring a trained model: top-1, top-5 and loss over a whole eval split, every example counted exactly once.
+
+The split is read by :func:`attn_flax.data.eval_batches` (the last batch padded with masked examples) and scored
+by the trainer's own eval step (:func:`attn_flax.training.steps.make_eval_step`), jitted over the data mesh, so
+the numbers equal the ``eval_*`` lines a training run writes to ``metrics.jsonl``.
+"""
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from attn_flax import data
+from attn_flax.training import sharding, steps
+
+
+@flax.struct.dataclass
+class EvalState:
+    """The part of a :class:`~attn_flax.training.state.TrainState` that the eval step reads."""
+
+    params: Any
+    batch_stats: Any
+
+
+def evaluate(model: nn.Module, variables: dict[str, Any], dataset: str, *, batch_size: int,
+             data_dir: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, float]:
+    """``eval_loss``, ``eval_accuracy``, ``eval_top5_accuracy`` (5+ classes) and ``eval_examples`` of ``model``.
+
+    ``batch_size`` is global and must split evenly over the mesh's devices (ValueError otherwise); the dataset
+    must have as many classes as the model has outputs (ValueError otherwise).
+    """
+    mesh = mesh if mesh is not None else sharding.data_mesh()
+    sharding.check_batch_size(batch_size, mesh)
+    info = data.dataset_info(dataset, data_dir=data_dir)
+    num_outputs = variables["params"]["head"]["kernel"].shape[-1]
+    if num_outputs != info.num_classes:
+        raise ValueError(f"the model has {num_outputs} outputs but {dataset} has {info.num_classes} classes; "
+                         "evaluate on the dataset the model was trained for")
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    state = jax.device_put(EvalState(variables["params"], variables.get("batch_stats", {})), replicated)
+    eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(replicated, batch_sharding),
+                        out_shardings=replicated)
+    totals = None
+    for local in data.eval_batches(dataset, global_batch_size=batch_size, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), data_dir=data_dir):
+        sums = eval_step(state, sharding.global_batch(local, batch_sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    return steps.summarize_eval(totals, info.num_classes)
