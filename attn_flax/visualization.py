@@ -1,0 +1,199 @@
+"""Where a network attends: its spatial attention maps and Grad-CAM, and a figure of both for one image.
+
+Attention maps come out of the model itself: the attention modules sow their gates into the ``intermediates``
+collection (CBAM: ``stage{s}_block{b}/attention/spatial_attention`` [N, H, W, 1]; BAM:
+``stage{s}_attention/spatial_attention``, the channel mean of its 3-D map), read here with
+``model.apply(..., mutable=['intermediates'])``. A CBAM stage with several blocks is shown as the mean of its
+blocks' maps (all blocks of a stage share one resolution).
+
+Grad-CAM (Selvaraju et al., ICCV 2017) of a layer with activations A (channels k) for class c:
+``ReLU(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial mean of ``d y_c / d A_k``. The gradient is taken with
+respect to a zero perturbation added to the layer's output through ``nn.intercept_methods``, so the model's code
+is untouched and any layer can be chosen; the default is the last block of the last stage, as in the CBAM
+paper's figure.
+"""
+import dataclasses
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+_STAGE_MODULE = re.compile(r"stage(\d+)_(?:block\d+|attention)")
+SPATIAL_MAP = "spatial_attention"
+
+
+def attention_intermediates(model: nn.Module, variables: Mapping[str, Any], images: jax.Array
+                            ) -> dict[str, Any]:
+    """Everything the model sows into ``intermediates`` in inference mode, as a nested dict."""
+    _, state = model.apply(dict(variables), images, train=False, mutable=["intermediates"])
+    return flax.core.unfreeze(state.get("intermediates", {}))
+
+
+def stage_spatial_maps(intermediates: Mapping[str, Any]) -> dict[int, jax.Array]:
+    """Stage number -> its spatial attention map [N, h, w], the mean over the stage's modules that sow one.
+
+    Empty for attentions without a spatial map (SE, ECA, CBAM with ``spatial=False``) and for a plain ResNet.
+    """
+    per_stage: dict[int, list[jax.Array]] = {}
+    for path, value in flax.traverse_util.flatten_dict(dict(intermediates)).items():
+        match = _STAGE_MODULE.fullmatch(path[0])
+        if match and path[-1] == SPATIAL_MAP:
+            per_stage.setdefault(int(match.group(1)), []).extend(v[..., 0] for v in value)
+    return {s: jnp.mean(jnp.stack(maps), axis=0) for s, maps in sorted(per_stage.items())}
+
+
+def upsample(maps: jax.Array, size: int) -> jax.Array:
+    """Bilinear resize of maps [N, h, w] to [N, size, size]; a convex combination, so values keep their range."""
+    return jax.image.resize(maps, (maps.shape[0], size, size), method="bilinear")
+
+
+def last_stage_layer(model: nn.Module) -> tuple[str, ...]:
+    """The module path of a ResNet's last block (the input of its global pool): Grad-CAM's usual layer."""
+    return (f"stage{len(model.stage_sizes)}_block{model.stage_sizes[-1] - 1}",)
+
+
+def _apply_perturbed(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, layer: tuple[str, ...],
+                     delta: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Logits of the model with ``delta`` added to ``layer``'s output, and that (perturbed) output."""
+    captured = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        scope = context.module.scope
+        if context.method_name == "__call__" and scope is not None and tuple(scope.path) == layer:
+            out = out if delta is None else out + delta
+            captured.append(out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = model.apply(dict(variables), images, train=False)
+    if not captured:
+        raise ValueError(f"the model has no module at {'/'.join(layer)}; pass a module path such as "
+                         f"{last_stage_layer(model) if hasattr(model, 'stage_sizes') else ('name',)}")
+    return logits, captured[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCam:
+    """Grad-CAM maps [N, h, w] (non-negative, not normalised), the classes they explain [N] and the logits."""
+
+    maps: jax.Array
+    classes: jax.Array
+    logits: jax.Array
+
+
+def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
+             classes: Optional[jax.Array] = None, layer: Optional[Sequence[str]] = None) -> GradCam:
+    """Grad-CAM of ``layer`` (default :func:`last_stage_layer`) for ``classes`` (default: the predicted ones)."""
+    layer = tuple(layer) if layer is not None else last_stage_layer(model)
+    images = jnp.asarray(images)
+    _, activation = jax.eval_shape(lambda x: _apply_perturbed(model, variables, x, layer, None), images)
+
+    @jax.jit
+    def compute(variables, images, classes):
+        def score(delta):
+            logits, activations = _apply_perturbed(model, variables, images, layer, delta)
+            targets = jnp.argmax(logits, axis=-1) if classes is None else classes
+            chosen = jnp.take_along_axis(logits, targets[:, None], axis=-1)
+            return jnp.sum(chosen), (activations, targets, logits)
+
+        grads, (activations, targets, logits) = jax.grad(score, has_aux=True)(
+            jnp.zeros(activation.shape, activation.dtype))
+        alpha = jnp.mean(grads.astype(jnp.float32), axis=(1, 2))
+        maps = nn.relu(jnp.einsum("nhwk,nk->nhw", activations.astype(jnp.float32), alpha))
+        return maps, targets, logits
+
+    maps, targets, logits = compute(dict(variables), images, None if classes is None else jnp.asarray(classes))
+    return GradCam(maps, targets, logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelView:
+    """A model's attention on a batch: stage label -> spatial map [N, h, w], Grad-CAM scaled to [0, 1] per
+    image [N, h, w], the predicted classes and the classes Grad-CAM explains [N]."""
+
+    maps: dict[str, np.ndarray]
+    grad_cam: np.ndarray
+    predictions: np.ndarray
+    classes: np.ndarray
+
+
+def explain(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, *,
+            classes: Optional[jax.Array] = None, size: Optional[int] = None) -> ModelView:
+    """Spatial attention maps and Grad-CAM of ``model`` on ``images``; with ``size``, both bilinearly upsampled
+    to ``size`` x ``size`` (the image size)."""
+    maps = {f"stage {s}": m for s, m in stage_spatial_maps(attention_intermediates(model, variables, images)).items()}
+    cam = grad_cam(model, variables, images, classes)
+    heat = normalise_per_image(cam.maps)
+    if size is not None:
+        maps = {label: upsample(m, size) for label, m in maps.items()}
+        heat = upsample(heat, size)
+    return ModelView({label: np.asarray(m) for label, m in maps.items()}, np.asarray(heat),
+                     np.asarray(jnp.argmax(cam.logits, axis=-1)), np.asarray(cam.classes))
+
+
+def normalise_per_image(maps: jax.Array) -> jax.Array:
+    """Non-negative maps [N, h, w] scaled so that each image's maximum is 1 (all-zero maps stay zero)."""
+    peak = jnp.max(maps, axis=(1, 2), keepdims=True)
+    return jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1.0), 0.0)
+
+
+def denormalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Normalised images [..., 3] back to displayable [0, 1] pixels."""
+    return np.clip(np.asarray(images) * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """One model's view of one image: title, stage label -> spatial map [h, w] in [0, 1], Grad-CAM [h, w]."""
+
+    title: str
+    maps: dict[str, np.ndarray]
+    grad_cam: np.ndarray
+
+
+def figure_pixels(num_maps: int, num_rows: int, panel_pixels: int) -> tuple[int, int]:
+    """(width, height) in pixels of :func:`figure`: the image, ``num_maps`` maps and Grad-CAM per row."""
+    return (num_maps + 2) * panel_pixels, num_rows * panel_pixels
+
+
+def figure(image: np.ndarray, rows: Sequence[Explanation], *, title: Optional[str] = None,
+           panel_pixels: int = 160, dpi: int = 100, alpha: float = 0.5):
+    """A matplotlib Figure: one row per model (image, each stage's map, Grad-CAM), maps overlaid on the image.
+
+    Maps of any resolution are stretched over the image (nearest neighbour when not upsampled beforehand). A
+    model without spatial maps (a plain ResNet, SE, ECA) leaves those panels empty. The figure is exactly
+    :func:`figure_pixels` large when saved without ``bbox_inches``.
+    """
+    from matplotlib.figure import Figure
+
+    labels = list(dict.fromkeys(label for row in rows for label in row.maps))
+    width, height = figure_pixels(len(labels), len(rows), panel_pixels)
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    axes = fig.subplots(len(rows), len(labels) + 2, squeeze=False)
+    top_pixels = panel_pixels * (0.25 if title else 0.12)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - top_pixels / height, wspace=0.05,
+                        hspace=0.15)
+    if title:
+        fig.suptitle(title, fontsize=max(6, panel_pixels // 16))
+    size = image.shape[0]
+    extent = (-0.5, image.shape[1] - 0.5, size - 0.5, -0.5)
+    fontsize = max(6, panel_pixels // 18)
+    for row, row_axes in zip(rows, axes):
+        panels = [("image", None)] + [(label, row.maps.get(label)) for label in labels] + [
+            ("Grad-CAM", row.grad_cam)]
+        for ax, (label, overlay) in zip(row_axes, panels):
+            ax.set_axis_off()
+            if label != "image" and overlay is None:
+                ax.set_title(f"{label}: none", fontsize=fontsize)
+                continue
+            ax.imshow(image, extent=extent, interpolation="nearest")
+            if overlay is not None:
+                ax.imshow(overlay, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, extent=extent,
+                          interpolation="nearest")
+            ax.set_title(row.title if label == "image" else label, fontsize=fontsize)
+    return fig

@@ -1,0 +1,143 @@
+"""visualize.py and attn_flax.visualization: maps from the model's intermediates, a real Grad-CAM, PNGs of the
+expected size."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from PIL import Image
+
+import tiny_runs
+from attn_flax import models, trained, visualization
+
+VISUALIZE = str(tiny_runs.REPO / "visualize.py")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "tools"
+
+
+@pytest.fixture(scope="module")
+def cbam_run(root):
+    return trained.from_workdir(tiny_runs.workdir(root, "cbam"))
+
+
+@pytest.fixture(scope="module")
+def images(root):
+    return tiny_runs.eval_split(root)[0][:4]
+
+
+def tiny_model(attention, stage_sizes=(1, 1, 1, 1)):
+    model = models.create_model("resnet18", num_classes=10, attention=attention, stem="cifar")
+    model = model.clone(widths=(8, 16, 16, 16), stage_sizes=stage_sizes)
+    return model, model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)), train=False)
+
+
+def test_visualize_writes_one_png_per_image_of_the_expected_size(root, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, VISUALIZE, f"--workdir={tiny_runs.workdir(root, 'cbam')}",
+         f"--baseline_workdir={tiny_runs.workdir(root, 'none')}", f"--output={tmp_path}", "--num_images=3",
+         "--panel_size=64"], env=tiny_runs.subprocess_env(), cwd=tiny_runs.REPO, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["figures"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"attention_{i:03d}.png" for i in range(3)]
+    for path in tmp_path.iterdir():
+        with Image.open(path) as png:
+            assert png.size == visualization.figure_pixels(4, 2, 64) == (6 * 64, 2 * 64)
+
+
+def test_visualize_rejects_bad_inputs_in_one_line(root, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, VISUALIZE, f"--workdir={tiny_runs.workdir(root, 'cbam')}", f"--output={tmp_path}",
+         "--num_images=0"], env=tiny_runs.subprocess_env(), cwd=tiny_runs.REPO, capture_output=True, text=True,
+        timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--num_images must be between 1 and 100" in lines[0], \
+        proc.stderr
+
+
+def test_cbam_maps_per_stage_at_each_stage_resolution_and_upsampled_to_the_image_in_0_1(cbam_run, images):
+    intermediates = visualization.attention_intermediates(cbam_run.model, cbam_run.variables, images)
+    native = visualization.stage_spatial_maps(intermediates)
+    assert {s: m.shape for s, m in native.items()} == {1: (4, 32, 32), 2: (4, 16, 16), 3: (4, 8, 8), 4: (4, 4, 4)}
+    view = visualization.explain(cbam_run.model, cbam_run.variables, images, size=32)
+    assert list(view.maps) == ["stage 1", "stage 2", "stage 3", "stage 4"]
+    for label, upsampled in view.maps.items():
+        assert upsampled.shape == (4, 32, 32), label
+        assert 0.0 <= upsampled.min() and upsampled.max() <= 1.0, label
+    np.testing.assert_allclose(view.maps["stage 1"], native[1], rtol=1e-6)
+    assert view.grad_cam.shape == (4, 32, 32) and view.grad_cam.min() >= 0 and view.grad_cam.max() <= 1
+
+
+def test_a_stage_map_is_the_mean_of_its_blocks_maps_and_bam_has_three():
+    model, variables = tiny_model("cbam", stage_sizes=(2, 1, 1, 1))
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    intermediates = visualization.attention_intermediates(model, variables, images)
+    blocks = [intermediates[f"stage1_block{b}"]["attention"]["spatial_attention"][0][..., 0] for b in range(2)]
+    np.testing.assert_allclose(visualization.stage_spatial_maps(intermediates)[1], (blocks[0] + blocks[1]) / 2,
+                               rtol=1e-6)
+
+    model, variables = tiny_model("bam")
+    maps = visualization.stage_spatial_maps(visualization.attention_intermediates(model, variables, images))
+    assert {s: m.shape for s, m in maps.items()} == {1: (2, 32, 32), 2: (2, 16, 16), 3: (2, 8, 8)}
+
+    model, variables = tiny_model("se")
+    assert visualization.stage_spatial_maps(visualization.attention_intermediates(model, variables, images)) == {}
+
+
+class _Toy(nn.Module):
+    """A feature layer and a non-linear head, so Grad-CAM's weights differ from position to position."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        features = nn.Conv(5, (3, 3), name="features")(x)
+        hidden = jnp.tanh(features) * features[..., :1]
+        return nn.Dense(3, name="head")(jnp.mean(hidden, axis=(1, 2)))
+
+
+def test_grad_cam_is_relu_of_the_gradient_weighted_sum_of_the_layers_channels():
+    model, x = _Toy(), jax.random.normal(jax.random.key(2), (2, 6, 6, 1))
+    variables = model.init(jax.random.key(3), x)
+    classes = jnp.array([2, 0])
+    cam = visualization.grad_cam(model, variables, x, classes=classes, layer=("features",))
+
+    activations = nn.Conv(5, (3, 3)).apply({"params": variables["params"]["features"]}, x)
+
+    def head(a):
+        return nn.Dense(3).apply({"params": variables["params"]["head"]},
+                                 jnp.mean(jnp.tanh(a) * a[..., :1], axis=(1, 2)))
+
+    gradient = jax.grad(lambda a: jnp.sum(head(a)[jnp.arange(2), classes]))(activations)
+    alpha = gradient.mean(axis=(1, 2))
+    expected = np.maximum(np.einsum("nhwk,nk->nhw", activations, alpha), 0)
+    assert cam.maps.shape == (2, 6, 6) and np.all(np.asarray(cam.maps) >= 0)
+    assert np.any(expected > 0) and np.any(expected == 0)
+    np.testing.assert_allclose(cam.maps, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(cam.classes, classes)
+
+
+def test_grad_cam_of_a_resnet_is_its_class_activation_map(cbam_run, images):
+    """Global pooling then a linear head: alpha_k = W[k, c] / (h w), so Grad-CAM = ReLU(sum_k W[k, c] A_k) / (h w)
+    (Selvaraju et al., Sec. 3.1), with A the last block's output captured through capture_intermediates."""
+    model, variables = cbam_run.model, cbam_run.variables
+    cam = visualization.grad_cam(model, variables, images)
+    logits, state = model.apply(variables, images, train=False, mutable=["intermediates"],
+                                capture_intermediates=lambda mdl, method: mdl.name == "stage4_block0")
+    activations = np.asarray(state["intermediates"]["stage4_block0"]["__call__"][0])
+    predicted = np.asarray(logits).argmax(-1)
+    kernel = np.asarray(variables["params"]["head"]["kernel"])[:, predicted].T
+    expected = np.maximum(np.einsum("nhwk,nk->nhw", activations, kernel), 0) / (4 * 4)
+    np.testing.assert_array_equal(cam.classes, predicted)
+    np.testing.assert_allclose(cam.maps, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_cam_names_a_missing_layer():
+    model, variables = tiny_model(None)
+    with pytest.raises(ValueError, match="no module at stage9_block0"):
+        visualization.grad_cam(model, variables, jnp.zeros((1, 32, 32, 3)), layer=("stage9_block0",))

@@ -1,0 +1,102 @@
+"""Pictures of where a trained network attends: ``python visualize.py --workdir=DIR --output=DIR``.
+
+For each of the first ``--num_images`` eval images, one PNG (``OUTPUT/attention_000.png``, ...): the image, the
+spatial attention map of every stage overlaid on it (CBAM: the mean over the stage's blocks; BAM: the map after
+stages 1-3; SE/ECA have none) and Grad-CAM of the last stage for the predicted class (``--target=true``: the
+true class). ``--baseline_workdir`` adds a second row for a model without attention, as in the CBAM paper's
+figure. Both workdirs must have been trained on the same dataset. Exit codes: 0 done, 2 inputs that cannot be
+drawn (one line on stderr), 1 no checkpoint could be read.
+"""
+import json
+import os
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from attn_flax import cli
+
+PROGRAM = "visualize.py"
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir of a model with attention.", required=True)
+flags.DEFINE_string("baseline_workdir", None, "Optional training workdir of a model without attention.")
+flags.DEFINE_string("output", None, "Directory for the PNG figures.", required=True)
+flags.DEFINE_integer("num_images", 8, "How many eval images (the first ones of the split) to draw.")
+flags.DEFINE_bool("upsample", True, "Upsample maps to the image size (bilinear); else show them at their own "
+                  "resolution, stretched over the image.")
+flags.DEFINE_enum("target", "predicted", ["predicted", "true"], "The class Grad-CAM explains.")
+flags.DEFINE_integer("panel_size", 160, "Side of one panel of the figure, in pixels.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every command-line mistake reported in one line and exit code 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        cli.fail(PROGRAM, f"{err}; see --helpfull")
+
+
+def model_label(config) -> str:
+    """'CBAM', 'BAM', ... or 'ResNet' for a run without attention."""
+    attention = config.get("attention")
+    return "ResNet" if attention in (None, "none") else attention.upper()
+
+
+def draw() -> list[str]:
+    """Loads the workdirs, explains the first images and writes one PNG per image; returns the paths."""
+    import numpy as np
+
+    from attn_flax import data, trained, visualization
+
+    runs = [trained.from_workdir(FLAGS.workdir)]
+    if FLAGS.baseline_workdir is not None:
+        runs.append(trained.from_workdir(FLAGS.baseline_workdir))
+        if runs[1].config.dataset != runs[0].config.dataset:
+            raise trained.LoadError(f"the baseline was trained on {runs[1].config.dataset}, the model on "
+                                    f"{runs[0].config.dataset}; compare runs on the same dataset")
+    config = runs[0].config
+    info = data.dataset_info(config.dataset, data_dir=config.data_dir)
+    if not 0 < FLAGS.num_images <= info.num_eval_examples:
+        raise ValueError(f"--num_images must be between 1 and {info.num_eval_examples} (the eval split's size)")
+    batch = next(iter(data.eval_batches(config.dataset, global_batch_size=FLAGS.num_images,
+                                        data_dir=config.data_dir)))
+    classes = batch["label"] if FLAGS.target == "true" else None
+    size = info.image_size if FLAGS.upsample else None
+    views = [visualization.explain(run.model, run.variables, batch["image"], classes=classes, size=size)
+             for run in runs]
+    images = visualization.denormalise(batch["image"], info.mean, info.std)
+
+    os.makedirs(FLAGS.output, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        rows = [visualization.Explanation(
+            f"{model_label(run.config)}: {info.class_names[view.predictions[i]]}",
+            {label: m[i] for label, m in view.maps.items()}, view.grad_cam[i]) for run, view in zip(runs, views)]
+        title = f"true: {info.class_names[batch['label'][i]]}"
+        fig = visualization.figure(np.asarray(image), rows, title=title, panel_pixels=FLAGS.panel_size)
+        paths.append(os.path.join(FLAGS.output, f"attention_{i:03d}.png"))
+        fig.savefig(paths[-1])
+    return paths
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        cli.fail(PROGRAM, f"unexpected arguments {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    error = None
+    with cli.stderr_held() as held:
+        from attn_flax import data, trained
+        from attn_flax.training import checkpoints, loop
+
+        try:
+            paths = draw()
+        except (trained.LoadError, loop.ConfigError, data.DatasetNotPreparedError, ValueError) as err:
+            error, held.show = (err, 2), False
+        except checkpoints.CheckpointError as err:
+            error, held.show = (err, 1), False
+    if error is not None:
+        cli.fail(PROGRAM, str(error[0]).splitlines()[0], error[1])
+    print(json.dumps({"output": os.path.abspath(FLAGS.output), "figures": len(paths)}), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
