@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from attn_flax import ops
 from attn_flax.attention import initializers
 from attn_flax.attention.registry import AttentionFactory
 
@@ -144,7 +145,9 @@ class ResNet(nn.Module):
       groups, width_per_group: grouped/wide Bottleneck variants (ResNeXt, Wide ResNet).
       zero_init_last_bn: start each block's last BN scale at zero.
       dtype: computation dtype of every layer; param_dtype: parameter dtype. Logits are float32.
-      conv, norm: the convolution and BatchNorm modules (``nn.Conv``/``nn.BatchNorm`` signatures).
+      conv, norm: the convolution and BatchNorm modules (``nn.Conv``/``nn.BatchNorm`` signatures). The default
+        ``attn_flax.ops.Conv`` has ``nn.Conv``'s parameters and forward pass, and on CPU computes its gradients
+        as matrix products, which XLA:CPU runs faster than its own conv gradients.
     """
 
     stage_sizes: Sequence[int]
@@ -158,7 +161,7 @@ class ResNet(nn.Module):
     zero_init_last_bn: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = ops.Conv
     norm: ModuleDef = nn.BatchNorm
 
     def __post_init__(self):
