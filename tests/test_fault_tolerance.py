@@ -194,7 +194,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     match = re.match(r"train\.py: error: .* (?:at|after) step (\d+);", last)
-    assert match and "not finite" in last or re.search(r"loss is (nan|inf|-inf)", last), last
+    assert match and ("not finite" in last or re.search(r"loss is (nan|inf|-inf)", last)), last
     bad_step = int(match.group(1))
     kept = committed_steps(workdir)
     assert kept and kept[-1] < bad_step, (kept, last)

@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: ``WORKDIR/checkpoints/<step>/{state,meta}``.
 
-``state`` is the :class:`TrainState` (parameters, optimiser state, BatchNorm statistics, step), restored
+``state`` is the :class:`TrainState` (parameters, optimiser state, BatchNorm statistics, step, RNG key), restored
 straight onto the mesh's shardings; ``meta`` is JSON (step, seed, dataset, global batch size) that fixes the
 position of the index-based input stream, so a resumed run sees exactly the examples an uninterrupted one would.
 Saves are asynchronous and atomic: Orbax writes to ``<step>.orbax-checkpoint-tmp-*`` and renames it on commit,
