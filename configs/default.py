@@ -12,12 +12,24 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def attention_options() -> ml_collections.ConfigDict:
+    """Every option of the registered modules as an unset placeholder, so the command line can set any of them
+    (``--config.attention_options.reduction=8``); only the options that are set reach the module, which rejects
+    the ones it does not take."""
+    options = ml_collections.ConfigDict()
+    for name, kind in (("reduction", int), ("kernel_size", int), ("pool_types", tuple), ("order", str),
+                       ("spatial", bool), ("spatial_norm", bool), ("dilation", int), ("num_dilated_convs", int),
+                       ("combine", str)):
+        options[name] = config_dict.placeholder(kind)
+    return options
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.model = "resnet18"
     config.attention = "cbam"
-    config.attention_options = ml_collections.ConfigDict()
+    config.attention_options = attention_options()
     config.stem = "cifar"
     config.widths = (16, 32, 64, 128)
     config.stage_sizes = (1, 1, 1, 1)

@@ -417,6 +417,8 @@ def test_unknown_option_names_the_valid_ones():
 def test_bad_option_values_fail_at_construction(name, options, message):
     with pytest.raises(ValueError, match=message):
         attention.create(name, **options)
+    with pytest.raises(ValueError, match=message):
+        attention.factory(name, **options)
 
 
 def test_user_can_register_a_new_module():

@@ -90,6 +90,7 @@ class AttentionFactory:
 
 
 def factory(name: str, /, **options: Any) -> AttentionFactory:
-    """An :class:`AttentionFactory` for ``name``; unknown names and options fail here, before any tracing."""
-    _check_options(name, options)
+    """An :class:`AttentionFactory` for ``name``; unknown names, options and bad option values fail here, before
+    any tracing (building one unbound module runs the module's own checks)."""
+    create(name, **options)
     return AttentionFactory(name, tuple(sorted(options.items())))

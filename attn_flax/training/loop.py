@@ -34,11 +34,17 @@ class ConfigError(ValueError):
     """The config cannot describe a run; the message says what to change."""
 
 
+def attention_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The attention options the config sets (unset placeholders are left to the module's defaults)."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.attention_options.items()
+            if v is not None}
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The config's ResNet with its attention; ``widths``/``stage_sizes`` override the depth's defaults."""
     model = models.create_model(config.model, num_classes=num_classes, attention=config.attention,
                                 stem=config.stem, dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
-                                zero_init_last_bn=config.zero_init_last_bn, **dict(config.attention_options))
+                                zero_init_last_bn=config.zero_init_last_bn, **attention_options(config))
     overrides = {k: tuple(config[k]) for k in ("widths", "stage_sizes") if config.get(k) is not None}
     return model.clone(**overrides) if overrides else model
 
