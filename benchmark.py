@@ -44,7 +44,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet18", choices=models.available())
     p.add_argument("--stem", default="cifar", choices=models.STEMS)
-    p.add_argument("--attention", default="none", help="a registered attention name or 'none'")
+    p.add_argument("--attention", default="none",
+                   help="a registered attention name or 'none'; a comma-separated list times each in the same run")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--num_classes", type=int, default=None, help="default: 10 (cifar stem) or 1000 (imagenet)")
@@ -57,6 +58,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
     args.convs = [c.strip() for c in args.conv.split(",") if c.strip()]
+    args.attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    args.attention = args.attentions[0]
     unknown = [c for c in args.convs if c not in ops.IMPLS]
     if unknown or not args.convs:
         p.error(f"--conv {args.conv!r}: each entry must be one of {', '.join(ops.IMPLS)}")
@@ -91,8 +94,9 @@ def _train_step_fn(model: Any, tx: optax.GradientTransformation) -> Callable:
 class FlaxRunner:
     """One Flax training state and its compiled step, for one conv implementation."""
 
-    def __init__(self, model: Any, variables: dict, impl: str, images: np.ndarray, labels: np.ndarray):
-        self.name = f"flax[{impl}]"
+    def __init__(self, model: Any, variables: dict, impl: str, images: np.ndarray, labels: np.ndarray,
+                 label: str = ""):
+        self.name = f"flax[{label}{impl}]"
         tx = optax.sgd(0.1, momentum=0.9)
         variables = jax.tree_util.tree_map(jnp.copy, variables)
         self.state = (variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"]))
@@ -115,20 +119,20 @@ class FlaxRunner:
 class TorchRunner:
     """The same architecture in PyTorch (tests/torch_reference.py), SGD momentum 0.9, cross entropy."""
 
-    def __init__(self, args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, threads: int):
+    def __init__(self, args: argparse.Namespace, attention: str, images: np.ndarray, labels: np.ndarray,
+                 threads: int, label: str = ""):
         import torch
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "tests"))
         import torch_reference
 
         torch.set_num_threads(threads)
         self.torch = torch
-        attention = None if args.attention == "none" else args.attention
         self.model = torch_reference.ResNet(TORCH_DEPTHS[args.model], args.stem, args.num_classes,
-                                            attention=attention).train()
+                                            attention=None if attention == "none" else attention).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
         self.images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
         self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.name = "torch"
+        self.name = f"torch[{label.rstrip(',')}]" if label else "torch"
         self.params = torch_reference.count_parameters(self.model)
         self.times: list[float] = []
 
@@ -177,17 +181,30 @@ def count_params(variables: dict) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(variables["params"])))
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Runs the benchmark and returns its results as a dict (the ``--json`` object)."""
+def _build(args: argparse.Namespace, attention: str) -> tuple[Any, dict]:
     model = models.create_model(args.model, num_classes=args.num_classes, stem=args.stem,
-                                attention=None if args.attention == "none" else args.attention)
-    model = model.clone(conv=ops.Conv)
+                                attention=None if attention == "none" else attention)
+    return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, args.image_size, args.image_size, 3)),
+                             train=False)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Runs the benchmark and returns its results as a dict (the ``--json`` object).
+
+    The summary fields (params, FLOPs, compile time, eval throughput, ``train_step_ms``) are those of the first
+    attention and the first conv implementation; ``step_ms`` holds every variant's median step time.
+    """
     images, labels = make_batch(args.batch_size, args.image_size, args.num_classes)
-    variables = model.init(jax.random.PRNGKey(0), jnp.asarray(images[:1]), train=False)
+    several = len(args.attentions) > 1
+    runners: list[Any] = []
+    for attention in args.attentions:
+        label = f"{attention}," if several else ""
+        model, variables = _build(args, attention)
+        runners += [FlaxRunner(model, variables, impl, images, labels, label) for impl in args.convs]
+        if args.vs_torch:
+            runners.append(TorchRunner(args, attention, images, labels, os.cpu_count() or 1, label))
+    model, variables = _build(args, args.attentions[0])
     flops = forward_flops(model, variables, args.image_size)
-    runners: list[Any] = [FlaxRunner(model, variables, impl, images, labels) for impl in args.convs]
-    if args.vs_torch:
-        runners.append(TorchRunner(args, images, labels, threads=os.cpu_count() or 1))
     time_round_robin(runners, args.steps)
     step_ms = {r.name: 1e3 * statistics.median(r.times) for r in runners}
     primary = runners[0]
@@ -205,17 +222,22 @@ def run(args: argparse.Namespace) -> dict:
         import torch
 
         result["torch"] = torch.__version__
-        result["torch_params"] = runners[-1].params
-        result["ratio_vs_torch"] = {name: ms / step_ms["torch"] for name, ms in step_ms.items() if name != "torch"}
+        result["torch_params"] = next(r.params for r in runners if isinstance(r, TorchRunner))
+        result["ratio_vs_torch"] = {}
+        for attention in args.attentions:
+            label = f"{attention}," if several else ""
+            torch_ms = step_ms[f"torch[{attention}]" if several else "torch"]
+            result["ratio_vs_torch"].update({f"flax[{label}{impl}]": step_ms[f"flax[{label}{impl}]"] / torch_ms
+                                             for impl in args.convs})
     return result
 
 
 def format_text(result: dict) -> str:
     """The human-readable report."""
     lines = [
-        f"{result['model']} stem={result['stem']} attention={result['attention']} batch={result['batch_size']} "
+        f"{result['model']} stem={result['stem']} batch={result['batch_size']} "
         f"image={result['image_size']} ({result['platform']}, jax {result['jax']})",
-        f"  params            {result['params']:,}",
+        f"  params            {result['params']:,} (attention={result['attention']})",
         f"  forward           {result['gflops']:.3f} GFLOPs/image ({result['gmacs']:.3f} GMACs)",
         f"  compile           {result['compile_s']:.1f} s",
         f"  eval              {result['eval_images_per_s']:.0f} images/s",
@@ -224,7 +246,7 @@ def format_text(result: dict) -> str:
     ]
     for name, ms in result["step_ms"].items():
         ratio = result.get("ratio_vs_torch", {}).get(name)
-        lines.append(f"    {name:<14} {ms:9.1f} ms" + (f"   {ratio:.2f}x torch" if ratio is not None else ""))
+        lines.append(f"    {name:<20} {ms:9.1f} ms" + (f"   {ratio:.2f}x torch" if ratio is not None else ""))
     return "\n".join(lines)
 
 
