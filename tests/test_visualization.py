@@ -75,20 +75,26 @@ def test_cbam_maps_per_stage_at_each_stage_resolution_and_upsampled_to_the_image
     assert view.grad_cam.shape == (4, 32, 32) and view.grad_cam.min() >= 0 and view.grad_cam.max() <= 1
 
 
-def test_a_stage_map_is_the_mean_of_its_blocks_maps_and_bam_has_three():
-    model, variables = tiny_model("cbam", stage_sizes=(2, 1, 1, 1))
-    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    intermediates = visualization.attention_intermediates(model, variables, images)
-    blocks = [intermediates[f"stage1_block{b}"]["attention"]["spatial_attention"][0][..., 0] for b in range(2)]
-    np.testing.assert_allclose(visualization.stage_spatial_maps(intermediates)[1], (blocks[0] + blocks[1]) / 2,
-                               rtol=1e-6)
+def test_a_stage_map_is_the_mean_of_its_blocks_maps_and_channel_gates_give_none():
+    gates = np.random.default_rng(0).uniform(size=(3, 2, 8, 8, 1)).astype(np.float32)
+    intermediates = {
+        "stage1_block0": {"attention": {"spatial_attention": (gates[0],), "channel_attention": (gates[0],)}},
+        "stage1_block1": {"attention": {"spatial_attention": (gates[1],)}},
+        "stage2_block0": {"attention": {"spatial_attention": (gates[2],)}},
+        "stage3_block0": {"attention": {"channel_attention": (gates[2],)}},
+    }
+    maps = visualization.stage_spatial_maps(intermediates)
+    assert list(maps) == [1, 2]
+    np.testing.assert_allclose(maps[1], (gates[0, ..., 0] + gates[1, ..., 0]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(maps[2], gates[2, ..., 0])
 
+
+def test_bam_gives_the_maps_after_stages_1_to_3_in_0_1():
     model, variables = tiny_model("bam")
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     maps = visualization.stage_spatial_maps(visualization.attention_intermediates(model, variables, images))
     assert {s: m.shape for s, m in maps.items()} == {1: (2, 32, 32), 2: (2, 16, 16), 3: (2, 8, 8)}
-
-    model, variables = tiny_model("se")
-    assert visualization.stage_spatial_maps(visualization.attention_intermediates(model, variables, images)) == {}
+    assert all(0 <= float(m.min()) and float(m.max()) <= 1 for m in maps.values())
 
 
 class _Toy(nn.Module):
