@@ -11,7 +11,6 @@ line on stderr), 1 no checkpoint could be read.
 """
 import json
 import os
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
