@@ -9,16 +9,17 @@ same command continues the run); 2 for a config or command line the run cannot u
 anything compiles); 1 when training stopped on an error (a non-finite loss, no readable checkpoint), also in one
 line. A run killed outright (``kill -9``, a lost machine) resumes from its latest checkpoint, exactly.
 """
-import contextlib
 import os
 import re
 import sys
-import tempfile
-from typing import Iterator, NoReturn
+from typing import NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from attn_flax import cli
+from attn_flax.cli import stderr_held
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.", required=True)
@@ -38,8 +39,7 @@ CLUSTER_ENV_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAME
 
 def fail(message: str, code: int) -> NoReturn:
     """Prints ``train.py: error: MESSAGE`` as one line and exits with ``code``."""
-    print(f"train.py: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    cli.fail("train.py", message, code)
 
 
 def unknown_field(err: Exception, argv: list[str]) -> NoReturn:
@@ -90,31 +90,6 @@ def initialize_distributed() -> None:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, **timeouts)
     elif cluster_detected():
         jax.distributed.initialize(**timeouts)
-
-
-class _Held:
-    show = True
-
-
-@contextlib.contextmanager
-def stderr_held() -> Iterator[_Held]:
-    """Holds back what is written to file descriptor 2 (TensorFlow's and XLA's start-up chatter included) and
-    writes it out at the end of the block, unless the block sets ``show = False`` on what it yields."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    held = _Held()
-    with tempfile.TemporaryFile() as buffer:
-        os.dup2(buffer.fileno(), 2)
-        try:
-            yield held
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if held.show:
-                buffer.seek(0)
-                sys.stderr.buffer.write(buffer.read())
-                sys.stderr.flush()
 
 
 def main(argv):

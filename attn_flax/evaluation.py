@@ -41,10 +41,19 @@ def evaluate(model: nn.Module, variables: dict[str, Any], dataset: str, *, batch
     state = jax.device_put(EvalState(variables["params"], variables.get("batch_stats", {})), replicated)
     eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(replicated, batch_sharding),
                         out_shardings=replicated)
+    return evaluate_split(eval_step, state, dataset, batch_size=batch_size, data_dir=data_dir, mesh=mesh,
+                          num_classes=info.num_classes)
+
+
+def evaluate_split(eval_step, state: Any, dataset: str, *, batch_size: int, data_dir: Optional[str],
+                   mesh: jax.sharding.Mesh, num_classes: int) -> dict[str, float]:
+    """Runs a jitted ``eval_step(state, batch) -> sums`` over the whole split and summarises the sums; the
+    training loop calls this with its own compiled step."""
+    batch_sharding = sharding.batch_sharded(mesh)
     totals = None
     for local in data.eval_batches(dataset, global_batch_size=batch_size, process_index=jax.process_index(),
                                    process_count=jax.process_count(), data_dir=data_dir):
         sums = eval_step(state, sharding.global_batch(local, batch_sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    return steps.summarize_eval(totals, info.num_classes)
+    return steps.summarize_eval(totals, num_classes)

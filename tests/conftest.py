@@ -5,6 +5,7 @@ time; pytest imports conftest.py before any test module.
 """
 import os
 import pathlib
+import socket
 
 NUM_TEST_DEVICES = 4
 
@@ -19,3 +20,25 @@ import jax  # noqa: E402
 _cache_dir = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(_cache_dir))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pytest  # noqa: E402
+
+TINY_DATASET = "attn_flax_shapes/tiny"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A TFDS directory with the tiny offline dataset (500 train / 100 eval) prepared, shared by the session."""
+    from attn_flax import data
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.dataset_info(TINY_DATASET, data_dir=path)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now, for a jax.distributed coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

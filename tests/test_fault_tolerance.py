@@ -8,7 +8,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from attn_flax import data
 from attn_flax.training import checkpoints, loop
+from conftest import free_port
 from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +30,6 @@ TINY = dict(dataset=TINY_DATASET, widths=(8, 16, 16, 16), stage_sizes=(1, 1, 1, 
             eval_batch_size=32, eval_every_steps=1000, keep_checkpoints=3)
 # The resumed runs: a cosine schedule with warmup over 40 steps, a checkpoint every 5.
 LONG = dict(TINY, num_train_steps=40, log_every_steps=5, checkpoint_every_steps=5)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    data.dataset_info(TINY_DATASET, data_dir=path)
-    return path
 
 
 def config_of(data_dir, **fields):
@@ -253,21 +245,16 @@ def test_each_bad_config_fails_in_one_line_with_exit_code_2_before_compiling(tmp
         assert seconds < 120
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.xdist_group("multi_process")
 def test_a_process_killed_in_a_two_process_run_makes_the_other_exit(tmp_path, data_dir):
     """Process 1 of 2 is killed mid-run; process 0 exits with an error within about the heartbeat timeout
     instead of waiting forever in a collective, and the checkpoints already saved stay."""
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    port = _free_port()
+    port = free_port()
     workdir = str(tmp_path / "run")
     args = train_args(workdir, data_dir, **dict(TINY, eval_batch_size=24, num_train_steps=400, log_every_steps=1,
                                                  checkpoint_every_steps=2))
-    args += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--heartbeat_timeout_seconds=5"]
+    args += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--heartbeat_timeout_seconds=10"]
     procs = [subprocess.Popen(args + [f"--process_id={i}"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
@@ -283,6 +270,6 @@ def test_a_process_killed_in_a_two_process_run_makes_the_other_exit(tmp_path, da
                 p.kill()
     print(f"survivor exited {seconds:.1f} s after its peer was killed, status {procs[0].returncode}")
     assert procs[0].returncode != 0
-    assert seconds < 60
+    assert seconds < 90
     assert "heartbeat" in err or "distributed service detected fatal errors" in err, err[-3000:]
     assert committed_steps(workdir)

@@ -5,7 +5,6 @@ the runs after the first reuse the compiled steps.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,17 +17,11 @@ from jax.sharding import AxisType, Mesh
 from attn_flax import data
 from attn_flax.training import loop, sharding, steps
 from attn_flax.training.metrics import read_metrics
+from conftest import free_port
 from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DATASET = "attn_flax_shapes/tiny"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    data.dataset_info(TINY_DATASET, data_dir=path)  # prepares the 500/100 tiny split once
-    return path
 
 
 def tiny_config(data_dir, **overrides):
@@ -114,15 +107,10 @@ def test_four_devices_give_the_loss_of_one_device(data_dir):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.xdist_group("multi_process")
 def test_two_processes_over_jax_distributed(tmp_path, data_dir):
     """Two processes with 2 CPU devices each on loopback: a 4-device mesh, eval counts every example once."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_COMPILATION_CACHE_DIR": os.path.join(REPO, ".jax_cache"), "PYTHONUNBUFFERED": "1"}
     args = [f"--workdir={tmp_path}", "--config.dataset=" + TINY_DATASET, f"--config.data_dir={data_dir}",

@@ -24,7 +24,7 @@ import optax
 import tqdm
 from flax import linen as nn
 
-from attn_flax import data, models
+from attn_flax import data, evaluation, models
 from attn_flax.training import checkpoints, optim, sharding, steps
 from attn_flax.training.metrics import MetricsWriter
 from attn_flax.training.state import TrainState, init_train_state
@@ -114,15 +114,9 @@ def _check_resumable(run: Run, meta: dict[str, Any]) -> None:
 
 def evaluate(run: Run, eval_step, state: TrainState) -> dict[str, float]:
     """Top-1, top-5 and loss over the whole eval split, each example counted exactly once."""
-    batch_sharding = sharding.batch_sharded(run.mesh)
-    totals = None
-    for local in data.eval_batches(run.config.dataset, global_batch_size=run.config.eval_batch_size,
-                                   process_index=jax.process_index(), process_count=jax.process_count(),
-                                   data_dir=run.config.data_dir):
-        sums = eval_step(state, sharding.global_batch(local, batch_sharding))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    return steps.summarize_eval(totals, run.info.num_classes)
+    return evaluation.evaluate_split(eval_step, state, run.config.dataset, batch_size=run.config.eval_batch_size,
+                                     data_dir=run.config.data_dir, mesh=run.mesh,
+                                     num_classes=run.info.num_classes)
 
 
 class NonFiniteLossError(FloatingPointError):
