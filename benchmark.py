@@ -3,6 +3,9 @@
     python benchmark.py --model=resnet18 --stem=cifar --attention=cbam --batch_size=128 --image_size=32 --steps=5
     python benchmark.py ... --conv=xla,auto --vs-torch       # before/after and PyTorch, interleaved in one run
     python benchmark.py ... --json                           # one JSON object on stdout
+    python benchmark.py --table --models=resnet18,resnet50 --stem=imagenet --batch_size=16 --image_size=64
+                                                            # the README's markdown table: params and GMACs at
+                                                            # 224 for every attention, step-time overhead
 
 The training step is the one every trainer runs: forward in train mode (BatchNorm batch statistics), softmax
 cross entropy, backward, SGD with momentum 0.9, on one fixed random batch. ``--conv`` lists convolution
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from attn_flax import attention as attention_lib
 from attn_flax import models, ops
 
 TORCH_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -56,7 +60,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--vs-torch", dest="vs_torch", action="store_true",
                    help="also time the same architecture in PyTorch and print the ratios")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--table", action="store_true",
+                   help="sweep --models x --attention (default: all registered) and print a markdown table")
+    p.add_argument("--models", default="resnet18,resnet50", help="the models --table sweeps")
+    p.add_argument("--flops_image_size", type=int, default=224, help="image side for --table's params/GMACs")
+    p.add_argument("--widths", default=None, help="comma-separated stage widths (a narrower test network)")
+    p.add_argument("--stage_sizes", default=None, help="comma-separated blocks per stage")
     args = p.parse_args(argv)
+    if args.table and args.attention == "none":
+        args.attention = ",".join(["none", *attention_lib.available()])
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.overrides = {k: tuple(int(v) for v in getattr(args, k).split(","))
+                      for k in ("widths", "stage_sizes") if getattr(args, k)}
     args.convs = [c.strip() for c in args.conv.split(",") if c.strip()]
     args.attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     args.attention = args.attentions[0]
@@ -181,11 +196,13 @@ def count_params(variables: dict) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(variables["params"])))
 
 
-def _build(args: argparse.Namespace, attention: str) -> tuple[Any, dict]:
+def _build(args: argparse.Namespace, attention: str, image_size: Optional[int] = None) -> tuple[Any, dict]:
     model = models.create_model(args.model, num_classes=args.num_classes, stem=args.stem,
                                 attention=None if attention == "none" else attention)
-    return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, args.image_size, args.image_size, 3)),
-                             train=False)
+    if args.overrides:
+        model = model.clone(**args.overrides)
+    side = image_size or args.image_size
+    return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, side, side, 3)), train=False)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -250,8 +267,59 @@ def format_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+PAPER_PARAMS_M = {  # ImageNet, 1000 classes (CBAM paper Table 4, BAM paper Table 5)
+    ("resnet18", "none"): 11.69, ("resnet18", "se"): 11.78, ("resnet18", "cbam"): 11.78,
+    ("resnet34", "none"): 21.80, ("resnet34", "se"): 21.96, ("resnet34", "cbam"): 21.96,
+    ("resnet50", "none"): 25.56, ("resnet50", "se"): 28.09, ("resnet50", "cbam"): 28.09, ("resnet50", "bam"): 25.92,
+    ("resnet101", "none"): 44.55, ("resnet101", "se"): 49.33, ("resnet101", "cbam"): 49.33,
+}
+
+
+def table(args: argparse.Namespace) -> list[dict]:
+    """One row per model x attention: params and GMACs at ``--flops_image_size`` and the median train-step time
+    at ``--batch_size``/``--image_size``, the attentions of one model timed round-robin in the same run."""
+    rows = []
+    for model_name in args.models:
+        row_args = argparse.Namespace(**{**vars(args), "model": model_name})
+        per_model = []
+        for attention in args.attentions:
+            model, variables = _build(row_args, attention, args.flops_image_size)
+            flops = forward_flops(model, variables, args.flops_image_size)
+            images, labels = make_batch(args.batch_size, args.image_size, args.num_classes)
+            small_model, small_variables = _build(row_args, attention)
+            runner = FlaxRunner(small_model, small_variables, args.convs[0], images, labels, f"{attention},")
+            per_model.append(({"model": model_name, "attention": attention, "params": count_params(variables),
+                               "gmacs": flops / 2e9, "compile_s": runner.compile_s}, runner))
+        time_round_robin([r for _, r in per_model], args.steps)
+        base_ms = None
+        for row, runner in per_model:
+            row["train_step_ms"] = 1e3 * statistics.median(runner.times)
+            base_ms = row["train_step_ms"] if row["attention"] == "none" else base_ms
+            row["overhead"] = row["train_step_ms"] / base_ms - 1 if base_ms else None
+            row["paper_params_m"] = PAPER_PARAMS_M.get((model_name, row["attention"]))
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], args: argparse.Namespace) -> str:
+    """The markdown table for the README."""
+    lines = [f"| model | attention | params | paper params | GMACs ({args.flops_image_size}px) | "
+             f"train step ms (batch {args.batch_size}, {args.image_size}px) | step overhead |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        paper = f"{r['paper_params_m']:.2f}M" if r["paper_params_m"] else ""
+        overhead = f"{100 * r['overhead']:+.1f}%" if r["overhead"] is not None and r["attention"] != "none" else ""
+        lines.append(f"| {r['model']} | {r['attention']} | {r['params'] / 1e6:.2f}M | {paper} | {r['gmacs']:.3f} | "
+                     f"{r['train_step_ms']:.0f} | {overhead} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.table:
+        rows = table(args)
+        print(json.dumps(rows) if args.json else format_table(rows, args))
+        return
     result = run(args)
     print(json.dumps(result) if args.json else format_text(result))
 

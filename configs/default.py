@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 128
     config.eval_batch_size = 500
     config.num_train_steps = -1
-    config.num_epochs = 1.5
+    config.num_epochs = 1.25
     config.grad_accum_steps = 1
 
     config.base_learning_rate = 0.4

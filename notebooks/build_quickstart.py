@@ -19,11 +19,14 @@ attention map of every stage, read from the model's `intermediates`, and Grad-CA
 
 Everything runs on a CPU in a few minutes; a GPU or TPU runtime is faster but not needed."""),
     ("code", """\
-# On Colab, install the package first (elsewhere: `pip install -e .` in a clone of the repository).
+# On Colab, install the package first: set REPO_URL to the git URL of your copy of the attn_flax repository
+# (elsewhere: `pip install -e .` in a clone, then start Jupyter from the clone's root).
 import sys
 
-REPO_URL = "https://github.com/attn-flax/attn_flax"  # the repository this notebook comes from
+REPO_URL = ""  # e.g. "https://github.com/<you>/attn_flax"
 if "google.colab" in sys.modules:
+    if not REPO_URL:
+        raise ValueError("set REPO_URL in this cell to the git URL of the attn_flax repository")
     get_ipython().run_line_magic("pip", f"install -q git+{REPO_URL}")"""),
     ("markdown", """\
 ## Settings
