@@ -451,3 +451,50 @@ def test_factory_is_hashable_and_builds_fresh_modules():
     assert first is not second
     assert (first.reduction, first.order, first.dtype) == (8, "parallel", jnp.bfloat16)
     assert dataclasses.replace(factory, options=()).placement == "block"
+
+
+# ----------------------------------------------------------------------------- fast paths, gradients as XLA's
+
+@pytest.mark.parametrize("axis,keepdims", [((1, 2), False), (-1, True), (-1, False)])
+def test_reduce_max_gradient_equals_jnp_max_with_ties(axis, keepdims):
+    from attn_flax.attention.pooling import reduce_max
+
+    x = np.random.RandomState(0).randn(2, 5, 6, 8).astype(np.float32)
+    x[0, 1:4, 2, 3] = x[0, :, :, 3].max() + 1.0  # a three-way tie in a spatial max
+    x[1, 2, 3, 4:7] = x[1, 2, 3].max() + 1.0  # a three-way tie in a channel max
+    x = jnp.asarray(x)
+    g = jnp.asarray(np.random.RandomState(1).randn(*jnp.max(x, axis, keepdims=keepdims).shape), jnp.float32)
+    y_ref, vjp_ref = jax.vjp(lambda a: jnp.max(a, axis, keepdims=keepdims), x)
+    y, vjp = jax.vjp(lambda a: reduce_max(a, axis, keepdims), x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(jax.jit(vjp)(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-7)
+
+
+class _NativeSpatialGate(nn.Module):
+    """CBAM's spatial gate as plain jnp.max and nn.Conv: XLA's native forward and gradients."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        pooled = jnp.concatenate([jnp.max(x, axis=-1, keepdims=True), jnp.mean(x, axis=-1, keepdims=True)], -1)
+        logits = nn.Conv(1, (7, 7), padding=3, use_bias=False, name="conv")(pooled)
+        return nn.sigmoid(nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-5,
+                                       name="bn")(logits))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cbam_spatial_gate_gradients_equal_xla_native_path(train):
+    """The CPU path (fused max gradient, shifted-sum 7x7 conv and its input gradient) against jnp.max/nn.Conv."""
+    from attn_flax.attention.cbam import SpatialGate
+
+    x = make_input((3, 9, 10, 32))
+    variables = randomized_variables(SpatialGate(), x)
+
+    def loss(params, a, module):
+        y = module.apply({**variables, "params": params}, a, train=train, mutable=["batch_stats"])[0]
+        return jnp.sum(jnp.sin(3 * y) * a[..., :1])
+
+    grads, grads_ref = (jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(variables["params"], x, m)
+                        for m in (SpatialGate(), _NativeSpatialGate()))
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+        scale = float(np.abs(b).max())
+        np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-5, rtol=0)

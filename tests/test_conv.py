@@ -163,3 +163,23 @@ def test_resnet_with_ops_conv_has_nn_conv_parameters_and_outputs():
     out, _ = apply(ours)(variables, x)
     out_ref, _ = apply(reference)(variables, x)
     _assert_close(out, out_ref, 1e-5)
+
+
+def test_thin_conv_forward_and_input_grad_are_shifted_sums_on_cpu_only():
+    x, kernel, _ = _operands(SHAPES["7x7_cbam_spatial"])
+    f = jax.grad(lambda a: jnp.sum(ops.conv2d(a, kernel, padding=3) ** 2))
+    cpu_hlo = jax.jit(f).lower(x).as_text(dialect="hlo")
+    assert "convolution(" not in cpu_hlo, "CPU: forward and input gradient of a thin conv are elementwise sums"
+    gpu_hlo = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
+    assert gpu_hlo.count("convolution(") >= 2
+
+
+@pytest.mark.parametrize("padding", [((3, 3), (3, 3)), ((0, 2), (4, 1)), "VALID"])
+def test_shifted_sum_input_grad_equals_xla(padding):
+    shape = (2, 9, 11, 2, 3, 5, 1, padding, 2)
+    x, kernel, kg = _operands(shape)
+    y_ref, (dx_ref, dw_ref) = _grads(shape, "xla", x, kernel, kg)
+    y, (dx, dw) = jax.jit(lambda a, b: _grads(shape, "auto", a, b, kg))(x, kernel)
+    _assert_close(y, y_ref, 1e-6)
+    _assert_close(dx, dx_ref, 1e-5)
+    _assert_close(dw, dw_ref, 1e-5)

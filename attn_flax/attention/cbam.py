@@ -27,8 +27,9 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from attn_flax import ops
 from attn_flax.attention import initializers
-from attn_flax.attention.pooling import POOL_TYPES, global_pool
+from attn_flax.attention.pooling import POOL_TYPES, global_pool, reduce_max
 
 ORDERS = ("channel_first", "spatial_first", "parallel")
 
@@ -69,12 +70,12 @@ class SpatialGate(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         pooled = jnp.concatenate(
-            [jnp.max(x, axis=-1, keepdims=True),
+            [reduce_max(x, -1, True),
              jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True).astype(x.dtype)], axis=-1)
-        logits = nn.Conv(1, (self.kernel_size, self.kernel_size), padding=self.kernel_size // 2,
-                         use_bias=not self.norm, kernel_init=initializers.conv_kaiming_fan_out,
-                         bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="conv")(pooled)
+        logits = ops.Conv(1, (self.kernel_size, self.kernel_size), padding=self.kernel_size // 2,
+                          use_bias=not self.norm, kernel_init=initializers.conv_kaiming_fan_out,
+                          bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="conv")(pooled)
         if self.norm:
             logits = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-5,
                                   scale_init=initializers.zeros, dtype=self.dtype,
