@@ -83,19 +83,7 @@ def score() -> dict:
 def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)
     check_flags(argv)
-    error = None
-    with cli.stderr_held() as held:
-        from attn_flax import data, trained
-        from attn_flax.training import checkpoints, loop
-
-        try:
-            result = score()
-        except (trained.LoadError, loop.ConfigError, data.DatasetNotPreparedError, ValueError) as err:
-            error, held.show = (err, 2), False
-        except checkpoints.CheckpointError as err:
-            error, held.show = (err, 1), False
-    if error is not None:
-        cli.fail(PROGRAM, str(error[0]).splitlines()[0], error[1])
+    result = cli.run_or_fail(PROGRAM, score)
     output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.checkpoint, "eval.json")
     line = json.dumps(result, sort_keys=True)
     with open(output, "w", encoding="utf-8") as f:

@@ -82,19 +82,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(PROGRAM, f"unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.ERROR)
-    error = None
-    with cli.stderr_held() as held:
-        from attn_flax import data, trained
-        from attn_flax.training import checkpoints, loop
-
-        try:
-            paths = draw()
-        except (trained.LoadError, loop.ConfigError, data.DatasetNotPreparedError, ValueError) as err:
-            error, held.show = (err, 2), False
-        except checkpoints.CheckpointError as err:
-            error, held.show = (err, 1), False
-    if error is not None:
-        cli.fail(PROGRAM, str(error[0]).splitlines()[0], error[1])
+    paths = cli.run_or_fail(PROGRAM, draw)
     print(json.dumps({"output": os.path.abspath(FLAGS.output), "figures": len(paths)}), flush=True)
 
 

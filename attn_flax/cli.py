@@ -7,7 +7,9 @@ import contextlib
 import os
 import sys
 import tempfile
-from typing import Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 def fail(program: str, message: str, code: int = 2) -> NoReturn:
@@ -42,3 +44,20 @@ def stderr_held() -> Iterator[Held]:
                 buffer.seek(0)
                 sys.stderr.buffer.write(buffer.read())
                 sys.stderr.flush()
+
+
+def run_or_fail(program: str, work: Callable[[], T]) -> T:
+    """Runs ``work()`` with start-up chatter held back and returns its result. A model, config or dataset the
+    tool cannot use exits 2, a checkpoint that cannot be read exits 1, each as one ``PROGRAM: error:`` line."""
+    error = None
+    with stderr_held() as held:
+        from attn_flax import data, trained
+        from attn_flax.training import checkpoints, loop
+
+        try:
+            return work()
+        except (trained.LoadError, loop.ConfigError, data.DatasetNotPreparedError, ValueError) as err:
+            error, held.show = (err, 2), False
+        except checkpoints.CheckpointError as err:
+            error, held.show = (err, 1), False
+    fail(program, str(error[0]).splitlines()[0], error[1])
