@@ -52,6 +52,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="a registered attention name or 'none'; a comma-separated list times each in the same run")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="computation dtype (parameters stay float32)")
     p.add_argument("--num_classes", type=int, default=None, help="default: 10 (cifar stem) or 1000 (imagenet)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per variant (after one warm-up)")
     p.add_argument("--eval_batches", type=int, default=3)
@@ -197,7 +199,7 @@ def count_params(variables: dict) -> int:
 
 
 def _build(args: argparse.Namespace, attention: str, image_size: Optional[int] = None) -> tuple[Any, dict]:
-    model = models.create_model(args.model, num_classes=args.num_classes, stem=args.stem,
+    model = models.create_model(args.model, num_classes=args.num_classes, stem=args.stem, dtype=jnp.dtype(args.dtype),
                                 attention=None if attention == "none" else attention)
     if args.overrides:
         model = model.clone(**args.overrides)
@@ -227,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     primary = runners[0]
     result = {
         "model": args.model, "stem": args.stem, "attention": args.attention, "batch_size": args.batch_size,
-        "image_size": args.image_size, "platform": jax.default_backend(), "jax": jax.__version__,
+        "image_size": args.image_size, "dtype": args.dtype, "platform": jax.default_backend(), "jax": jax.__version__,
         "params": count_params(variables), "gflops": flops / 1e9, "gmacs": flops / 2e9,
         "compile_s": primary.compile_s, "train_step_ms": step_ms[primary.name],
         "eval_images_per_s": eval_throughput(model, variables, images, args.eval_batches),
