@@ -235,6 +235,6 @@ def test_conv_implementation_is_injectable():
     reference = jax.jit(functools.partial(model.apply, train=False))(variables, images)
     swapped = functools.partial(model.clone(conv=_CountingConv).apply, train=False, mutable=["intermediates"])
     logits, state = jax.jit(swapped)(variables, images)
-    np.testing.assert_allclose(logits, reference, rtol=1e-6)
+    np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-6)  # ops.Conv vs nn.Conv: summation order
     markers = [k for k in flat(state["intermediates"]) if k.endswith("conv_called")]
     assert len(markers) == 1 + 4 * 2 + 3
