@@ -42,3 +42,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    """The folder of the tiny training workdirs the tool tests share (tests/tiny_runs.py)."""
+    return tmp_path_factory.getbasetemp() / "tools"

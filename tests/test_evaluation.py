@@ -19,11 +19,6 @@ EVAL = str(tiny_runs.REPO / "eval.py")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "tools"
-
-
-@pytest.fixture(scope="module")
 def workdir(root):
     return tiny_runs.workdir(root, "cbam")
 

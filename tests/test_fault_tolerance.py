@@ -18,16 +18,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from attn_flax.training import checkpoints, loop
+import tiny_runs
 from conftest import free_port
 from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DATASET = "attn_flax_shapes/tiny"
+TINY_DATASET = tiny_runs.TINY_DATASET
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
        "JAX_COMPILATION_CACHE_DIR": os.path.join(REPO, ".jax_cache"), "PYTHONUNBUFFERED": "1",
        "TF_CPP_MIN_LOG_LEVEL": "2"}
-TINY = dict(dataset=TINY_DATASET, widths=(8, 16, 16, 16), stage_sizes=(1, 1, 1, 1), batch_size=16,
-            eval_batch_size=32, eval_every_steps=1000, keep_checkpoints=3)
+TINY = tiny_runs.TINY_FIELDS
 # The resumed runs: a cosine schedule with warmup over 40 steps, a checkpoint every 5.
 LONG = dict(TINY, num_train_steps=40, log_every_steps=5, checkpoint_every_steps=5)
 

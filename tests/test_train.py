@@ -17,21 +17,16 @@ from jax.sharding import AxisType, Mesh
 from attn_flax import data
 from attn_flax.training import loop, sharding, steps
 from attn_flax.training.metrics import read_metrics
+import tiny_runs
 from conftest import free_port
-from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DATASET = "attn_flax_shapes/tiny"
+TINY_DATASET = tiny_runs.TINY_DATASET
 
 
 def tiny_config(data_dir, **overrides):
-    config = default.get_config()
-    config.update(dict(
-        dataset=TINY_DATASET, data_dir=data_dir, widths=(8, 16, 16, 16), stage_sizes=(1, 1, 1, 1),
-        batch_size=16, eval_batch_size=32, num_train_steps=4, log_every_steps=2, eval_every_steps=1000,
-        checkpoint_every_steps=2, keep_checkpoints=3))
-    config.update(overrides)
-    return config
+    return tiny_runs.config(data_dir, **dict(dict(num_train_steps=4, log_every_steps=2, checkpoint_every_steps=2),
+                                             **overrides))
 
 
 def final_params(workdir):

@@ -18,11 +18,6 @@ VISUALIZE = str(tiny_runs.REPO / "visualize.py")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "tools"
-
-
-@pytest.fixture(scope="module")
 def cbam_run(root):
     return trained.from_workdir(tiny_runs.workdir(root, "cbam"))
 

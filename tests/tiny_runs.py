@@ -33,13 +33,21 @@ def data_dir(root: pathlib.Path) -> str:
     return str(path)
 
 
+TINY_FIELDS = dict(dataset=TINY_DATASET, widths=(8, 16, 16, 16), stage_sizes=(1, 1, 1, 1), batch_size=16,
+                   eval_batch_size=32, eval_every_steps=1000, keep_checkpoints=3)
+"""The tiny run every training test shares, so the persistent compilation cache serves them all."""
+
+
+def config(data_dir: str, **fields):
+    """The default config with :data:`TINY_FIELDS`, ``data_dir`` and ``fields`` set."""
+    c = default.get_config()
+    c.update(dict(TINY_FIELDS, data_dir=data_dir, **fields))
+    return c
+
+
 def tiny_config(root: pathlib.Path, attention: str):
-    config = default.get_config()
-    config.update(dict(
-        dataset=TINY_DATASET, data_dir=data_dir(root), widths=(8, 16, 16, 16), stage_sizes=(1, 1, 1, 1),
-        batch_size=16, eval_batch_size=32, num_train_steps=2, log_every_steps=2, eval_every_steps=1000,
-        checkpoint_every_steps=2, attention=attention))
-    return config
+    return config(data_dir(root), num_train_steps=2, log_every_steps=2, checkpoint_every_steps=2,
+                  attention=attention)
 
 
 @functools.cache

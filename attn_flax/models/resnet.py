@@ -45,14 +45,15 @@ def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((kernel_size // 2, kernel_size // 2),) * 2
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34): out = ReLU(attention(BN(conv(ReLU(BN(conv(x)))))) + shortcut(x)).
+class ResidualBlock(nn.Module):
+    """The fields every residual block takes; :class:`BasicBlock` and :class:`Bottleneck` add the layers.
 
     Attributes:
       features: the block's width ("planes"); its output has ``features * expansion`` channels.
-      strides: stride of the first 3x3 conv and of the shortcut.
+      strides: stride of the block's strided conv and of the shortcut.
       conv, norm: conv and BatchNorm factories with everything but features/kernel/strides bound.
       attention: None, or a callable ``attention(name=...)`` returning a module called as ``m(y, train=...)``.
+      groups, width_per_group: grouped/wide 3x3 conv (Bottleneck only).
       zero_init_last_bn: initialise the last BN scale to 0 (residual branch starts at zero).
     """
 
@@ -64,6 +65,11 @@ class BasicBlock(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     zero_init_last_bn: bool = False
+
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs (ResNet-18/34): out = ReLU(attention(BN(conv(ReLU(BN(conv(x)))))) + shortcut(x))."""
 
     expansion: ClassVar[int] = 1
 
@@ -82,22 +88,13 @@ class BasicBlock(nn.Module):
         return _merge(self, x, y, train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1x1 reduce, 3x3 (strided, optionally grouped), 1x1 expand by 4 (ResNet-50/101/152, ResNeXt, Wide ResNet).
 
     The 3x3 conv has ``int(features * width_per_group / 64) * groups`` channels, as torchvision defines
     ResNeXt (``groups=32, width_per_group=4``) and Wide ResNet (``width_per_group=128``); the defaults give
-    the official ResNet. Other attributes as :class:`BasicBlock`.
+    the official ResNet. Attributes as :class:`ResidualBlock`.
     """
-
-    features: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
-    attention: Optional[Callable[..., nn.Module]] = None
-    groups: int = 1
-    width_per_group: int = 64
-    zero_init_last_bn: bool = False
 
     expansion: ClassVar[int] = 4
 
