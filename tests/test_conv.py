@@ -25,6 +25,9 @@ SHAPES = {
     "batch1": (1, 8, 8, 16, 16, 3, 1, 1, 1),
     "same_padding_stride2": (2, 7, 7, 16, 16, 3, 2, "SAME", 1),
     "asymmetric_pairs": (2, 7, 9, 16, 16, 3, 1, ((0, 2), (1, 0)), 1),
+    "3x3_on_2x2_map": (2, 2, 2, 16, 16, 3, 1, 1, 1),
+    "3x3_stride2_to_2x2_map": (2, 4, 4, 16, 16, 3, 2, 1, 1),
+    "3x3_on_1x3_map": (3, 1, 3, 16, 8, 3, 1, 1, 1),
 }
 
 
@@ -54,7 +57,8 @@ def _assert_close(actual, expected, rtol):
 
 
 @pytest.mark.parametrize("name,impl", [(name, "matmul") for name in sorted(SHAPES)]
-                         + [("3x3_stride2", "auto"), ("7x7_cbam_spatial", "auto")])
+                         + [(name, "auto") for name in ("3x3_stride2", "7x7_cbam_spatial", "3x3_on_2x2_map",
+                                                        "3x3_stride2_to_2x2_map")])
 def test_gradients_equal_xla(name, impl):
     shape = SHAPES[name]
     x, kernel, kg = _operands(shape)
@@ -183,3 +187,14 @@ def test_shifted_sum_input_grad_equals_xla(padding):
     _assert_close(y, y_ref, 1e-6)
     _assert_close(dx, dx_ref, 1e-5)
     _assert_close(dw, dw_ref, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["3x3_on_2x2_map", "3x3_stride2_to_2x2_map"])
+def test_maps_smaller_than_the_kernel_use_products_on_cpu_only(name):
+    n, h, w, cin, cout, k, stride, padding, _ = SHAPES[name]
+    x, kernel, _ = _operands(SHAPES[name])
+    f = jax.grad(lambda a, b: jnp.sum(ops.conv2d(a, b, strides=(stride, stride), padding=padding) ** 2), argnums=(0, 1))
+    cpu_hlo = jax.jit(f).lower(x, kernel).as_text(dialect="hlo")
+    assert "convolution(" not in cpu_hlo, "CPU: XLA's slow loop for maps smaller than the kernel must not appear"
+    gpu_hlo = jax.jit(f).trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
+    assert gpu_hlo.count("convolution(") >= 3
