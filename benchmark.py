@@ -13,8 +13,8 @@ backward implementations (``attn_flax.ops.IMPLS``: 'auto' picks matrix-product g
 native path, i.e. the behaviour of ``nn.Conv``); ``--vs-torch`` adds the same architecture in PyTorch
 (``tests/torch_reference.py``, imported from the repository's tests directory only when asked; needs torch),
 with the same optimiser and ``torch.set_num_threads`` set to the JAX process's core count. Step times are
-measured round-robin, one step of each variant in turn, so that load from other processes on the machine
-affects every variant alike; the median over ``--steps`` is reported.
+measured round-robin, an untimed and a timed step of each variant in turn, so that load from other processes
+on the machine affects every variant alike; the median over ``--steps`` is reported.
 
 FLOPs come from XLA's cost analysis of the eval forward pass at batch 1 (a multiply-add counts 2; MACs are
 half). Peak memory is the process's peak resident set size (CPU has no allocator statistics), so it covers
@@ -163,11 +163,15 @@ class TorchRunner:
 
 
 def time_round_robin(runners: list[Any], steps: int) -> None:
-    """One warm-up step each, then ``steps`` rounds of one step per runner, recorded in ``runner.times``."""
-    for r in runners:
-        r.step()
+    """``steps`` rounds; in each, every runner takes an untimed step and then a timed one (``runner.times``).
+
+    Round-robin spreads load from other processes over every variant alike; the untimed step before each timed
+    one keeps the previous variant's threads out of the measurement (PyTorch's OpenMP workers spin for a while
+    after their last parallel region, and a spinning worker takes a core from the next variant's first step).
+    """
     for _ in range(steps):
         for r in runners:
+            r.step()
             r.times.append(r.step())
 
 
@@ -318,6 +322,7 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    ops.retain_freed_memory()
     if args.table:
         rows = table(args)
         print(json.dumps(rows) if args.json else format_table(rows, args))

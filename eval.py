@@ -16,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from attn_flax import cli
+from attn_flax import cli, ops
 
 PROGRAM = "eval.py"
 FLAGS = flags.FLAGS
@@ -81,6 +81,7 @@ def score() -> dict:
 
 
 def main(argv: list[str]) -> None:
+    ops.retain_freed_memory()
     absl_logging.set_verbosity(absl_logging.ERROR)
     check_flags(argv)
     result = cli.run_or_fail(PROGRAM, score)

@@ -18,7 +18,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from attn_flax import cli
+from attn_flax import cli, ops
 from attn_flax.cli import stderr_held
 
 FLAGS = flags.FLAGS
@@ -94,6 +94,7 @@ def initialize_distributed() -> None:
 
 def main(argv):
     del argv
+    ops.retain_freed_memory()
     absl_logging.set_verbosity(absl_logging.WARNING)
     explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
     if any(v is None for v in explicit) and any(v is not None for v in explicit):

@@ -136,13 +136,32 @@ def test_network_gradients_equal_across_impls_under_jit():
     jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, 1e-5), grads["auto"], grads["xla"])
 
 
+def _cpu_and_gpu_hlo(shape):
+    """HLO of the conv's input and weight gradients, lowered for the CPU and for CUDA."""
+    _, _, _, _, _, _, stride, padding, _ = shape
+    x, kernel, _ = _operands(shape)
+    f = jax.grad(lambda a, b: jnp.sum(ops.conv2d(a, b, (stride, stride), padding) ** 2), argnums=(0, 1))
+    cpu_hlo = jax.jit(f).lower(x, kernel).as_text(dialect="hlo")
+    gpu_hlo = jax.jit(f).trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
+    return cpu_hlo, gpu_hlo
+
+
 def test_auto_uses_matmul_gradients_on_cpu_only():
-    x, kernel, _ = _operands((2, 8, 8, 16, 32, 3, 1, 1, 1))
-    f = jax.grad(lambda b: jnp.sum(ops.conv2d(x, b, padding=1) ** 2))
-    cpu_hlo = jax.jit(f).lower(kernel).as_text(dialect="hlo")
-    assert cpu_hlo.count(" dot(") >= 9, "the CPU lowering should hold one product per kernel tap"
-    gpu_hlo = jax.jit(f).trace(kernel).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
-    assert " dot(" not in gpu_hlo and gpu_hlo.count("convolution(") >= 2
+    cpu_hlo, gpu_hlo = _cpu_and_gpu_hlo((2, 8, 8, 16, 32, 3, 1, 1, 1))
+    assert "convolution(" not in cpu_hlo and " dot(" in cpu_hlo, "CPU, <= 64 channels: every pass a product"
+    assert " dot(" not in gpu_hlo and gpu_hlo.count("convolution(") == 3
+    cpu_hlo, _ = _cpu_and_gpu_hlo((2, 4, 4, 128, 128, 3, 1, 1, 1))
+    assert cpu_hlo.count("convolution(") == 2 and " dot(" in cpu_hlo, "CPU, wide: XLA's forward and input grad"
+
+
+def test_chunked_im2col_forward_with_a_remainder_chunk():
+    shape = (7, 4, 5, 8, 16, 3, 1, 1, 1)
+    x, kernel, kg = _operands(shape)
+    y_ref, _ = _grads(shape, "xla", x, kernel, kg)
+    pads = ((1, 1), (1, 1))
+    y = jax.jit(functools.partial(conv_lib.chunked_im2col_conv, strides=(1, 1), padding=pads, dilation=(1, 1),
+                                  target_rows=60))(x, kernel)  # chunks of 3 images: 3 + 3 + 1
+    _assert_close(y, y_ref, 1e-6)
 
 
 def test_invalid_impl_and_padding_are_rejected():

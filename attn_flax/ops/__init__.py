@@ -3,7 +3,9 @@
     >>> from attn_flax import ops
     >>> conv = ops.Conv(64, (3, 3), padding=1)           # same parameters as nn.Conv(64, (3, 3), padding=1)
     >>> with ops.default_impl('xla'): ...                 # force XLA's native gradients in this scope
+    >>> ops.retain_freed_memory()                         # at program start: no page faults per CPU step
 """
 from attn_flax.ops.conv import IMPLS, Conv, conv2d, default_impl
+from attn_flax.ops.host_memory import retain_freed_memory
 
-__all__ = ["IMPLS", "Conv", "conv2d", "default_impl"]
+__all__ = ["IMPLS", "Conv", "conv2d", "default_impl", "retain_freed_memory"]

@@ -1,27 +1,30 @@
-"""A 2-D convolution whose backward pass runs as matrix products on CPU, and a drop-in for ``nn.Conv``.
+"""A 2-D convolution whose passes run as matrix products on CPU where XLA:CPU is slow, and a drop-in for ``nn.Conv``.
 
-XLA:CPU runs a convolution's forward pass at matrix-product speed but its weight gradient several times
-slower (a 3x3 conv at about 6 GFLOP/s against about 90 forward, REFERENCE.md section 4), and the input
-gradient of a strided convolution about half as fast as the forward. A convolution is a sum over kernel taps
-of matrix products, so both gradients can be written that way:
+XLA:CPU's convolutions are fast for wide layers but slow elsewhere (2 cores, jax 0.10, REFERENCE.md section 4): the
+weight gradient of a 3x3 conv runs at about 6 GFLOP/s against about 90 forward, 64-channel convs at half the
+speed of 128-channel ones, thin convs (CBAM's 7x7 2 -> 1) at 0.3 GFLOP/s, and maps smaller than the kernel (3x3 on
+2x2) in a generic loop at 2 GFLOP/s. A convolution is a sum over kernel taps of matrix products,
 
-    y[n, o, c_out]   = sum_{t, c_in} x_pad[n, s*o + d*t, c_in] * w[t, c_in, c_out]
-    dw[t]            = sum_{n, o} x_pad[n, s*o + d*t]^T  g[n, o]       one (C_in x C_out) product per tap t
-    dx_pad[n, s*o+d*t] += g[n, o] w[t]^T                               one product per tap, scattered back
+    y[n, o]          = sum_t x_pad[n, s*o + d*t] w[t]            (w[t]: C_in x C_out)
+    dw               = g^T  im2col(x_pad)                        one (C_out x KH*KW*C_in) product
+    dx_pad[n, s*o+d*t] += g[n, o] w[t]^T                          one product per tap, scattered back
 
-The weight gradient is accumulated in float32 over batch chunks (a ``lax.scan``), which keeps each tap's
-operands in cache: measured on 2 cores for a 128x32x32x64 -> 64 3x3 conv, XLA's own weight gradient took
-1,188 ms, one im2col product 454 ms, this 140 ms (jax 0.12).
+so on CPU this module computes (measured per pass on 2 cores, jax 0.10, XLA's time first):
 
-The forward pass is XLA's, except for thin stride-1 convs (C_in x C_out < 256: CBAM's 7x7 2 -> 1), which XLA:CPU
-runs at about 0.3 GFLOP/s; on CPU their forward and input gradient are sums of shifted windows times kernel
-entries (:func:`shifted_conv`), one fused elementwise loop. At 128x32x32, 7x7 2 -> 1, under load: forward 65 ->
-1 ms, input gradient 17 ms (per-tap products) or 49 ms (XLA) -> 1 ms. Their weight gradient stays XLA's.
+- the weight gradient always as the im2col product above, summed in float32 over batch chunks of about 2,048
+  rows (a ``lax.scan``) so each chunk's columns stay in cache: 1,188 -> 82 ms for 128x32x32x64 -> 64 3x3;
+- the forward pass and the stride-1 input gradient (itself a stride-1 conv of the cotangent with the flipped
+  kernel) of spatial convs with at most 64 input channels as chunked im2col products: 140 -> 73 ms;
+- maps smaller than the kernel: one im2col product forward, per-tap products for the input gradient
+  (267 -> 3.6 ms for 32x2x2x512 -> 512);
+- thin stride-1 convs (C_in x C_out < 256) forward and input gradient as sums of shifted windows times kernel
+  entries (:func:`shifted_conv`), one fused elementwise loop: 65 -> 1 ms at 128x32x32, 7x7 2 -> 1;
+- strided 1x1 convs' input gradient as a product placed back with interior padding.
 
-The CPU paths are chosen per platform when the computation is lowered (``lax.platform_dependent``), so a jit
-placed on a GPU or TPU keeps XLA's native convolutions even if it is traced on a host whose default backend is
-the CPU. ``impl`` forces either path ('xla', or 'matmul' on every platform), for tests and benchmarks;
-:func:`default_impl` changes the default of every :class:`Conv` in a scope.
+Everything else stays XLA's. The CPU paths are chosen per platform when the computation is lowered
+(``lax.platform_dependent``), so a jit placed on a GPU or TPU keeps XLA's native convolutions even if it is traced
+on a host whose default backend is the CPU. ``impl`` forces either path ('xla', or 'matmul' on every platform), for
+tests and benchmarks; :func:`default_impl` changes the default of every :class:`Conv` in a scope.
 """
 import contextlib
 import functools
@@ -37,7 +40,9 @@ from jax import lax
 
 IMPLS = ("auto", "xla", "matmul")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-_TARGET_CHUNK_ROWS = 32768
+_TARGET_CHUNK_ROWS = 2048  # rows of one chunk's products; 1k-4k measured alike, 32k 2x slower
+_IM2COL_CHUNK_ROWS = 2048
+_IM2COL_MAX_FEATURES = 64
 
 Pairs = tuple[tuple[int, int], tuple[int, int]]
 PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
@@ -112,11 +117,19 @@ def shifted_conv(x: jax.Array, kernel: jax.Array, padding: Pairs, dilation: tupl
 def shifted_input_grad(g: jax.Array, kernel: jax.Array, in_shape: Sequence[int], padding: Pairs,
                        dilation: tuple[int, int]) -> jax.Array:
     """The input gradient of a stride-1 conv: :func:`shifted_conv` of the cotangent with the flipped kernel."""
+    flipped, pads = _input_grad_as_conv(kernel, in_shape, g.shape, padding, dilation)
+    return shifted_conv(g, flipped, pads, dilation)
+
+
+def _input_grad_as_conv(kernel: jax.Array, in_shape: Sequence[int], out_shape: Sequence[int], padding: Pairs,
+                        dilation: tuple[int, int]) -> tuple[jax.Array, Pairs]:
+    """A stride-1 conv's input gradient is a stride-1 conv of the cotangent: this kernel (flipped, in and out
+    swapped) and padding."""
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     low = [dilation[a] * (kernel.shape[a] - 1) - padding[a][0] for a in range(2)]
-    pads = tuple((low[a], in_shape[1 + a] - g.shape[1 + a] + dilation[a] * (kernel.shape[a] - 1) - low[a])
+    pads = tuple((low[a], in_shape[1 + a] - out_shape[1 + a] + dilation[a] * (kernel.shape[a] - 1) - low[a])
                  for a in range(2))
-    return shifted_conv(g, flipped, pads, dilation)
+    return flipped, pads
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
@@ -127,13 +140,45 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], paddi
     swaps the operands' roles and runs a generic loop at about 2 GFLOP/s (267 ms for 32x2x2x512 -> 512, measured on 2
     cores); the product takes 3.6 ms. The copies of the input it makes are small exactly when the map is.
     """
-    x = _pad_spatial(x, padding)
-    out_hw = tuple(output_size(x.shape[1 + a], kernel.shape[a], strides[a], dilation[a], (0, 0)) for a in range(2))
-    columns = jnp.concatenate([_tap_window(x, (i, j), out_hw, strides, dilation)
-                               for i in range(kernel.shape[0]) for j in range(kernel.shape[1])], axis=-1)
-    y = lax.dot_general(columns.reshape(-1, columns.shape[-1]), kernel.reshape(-1, kernel.shape[-1]),
-                        (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    out_hw = _out_shape(x.shape, kernel.shape, strides, padding, dilation)[1:3]
+    columns = _columns(_pad_spatial(x, padding), kernel.shape[:2], out_hw, strides, dilation)
+    y = lax.dot_general(columns, kernel.reshape(-1, kernel.shape[-1]), (((1,), (0,)), ((), ())),
+                        preferred_element_type=jnp.float32)
     return y.reshape(x.shape[:1] + out_hw + kernel.shape[-1:])
+
+
+def chunked_im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
+                        dilation: tuple[int, int], target_rows: int = _IM2COL_CHUNK_ROWS) -> jax.Array:
+    """:func:`im2col_conv` over batch chunks of about ``target_rows`` output rows, so each chunk's columns stay in
+    cache: 73 ms against XLA:CPU's 140 ms for a 128x32x32x64 -> 64 3x3 conv (2 cores, jax 0.10)."""
+    out_hw = _out_shape(x.shape, kernel.shape, strides, padding, dilation)[1:3]
+    conv = functools.partial(im2col_conv, kernel=kernel, strides=strides, padding=padding, dilation=dilation)
+    return _map_over_chunks(conv, x, chunk_size(x.shape[0], out_hw, target_rows))
+
+
+def _columns(x: jax.Array, kernel_hw: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
+             dilation: tuple[int, int]) -> jax.Array:
+    """im2col of a padded input: row (n, oh, ow) holds the window tap by tap, [N*OH*OW, KH*KW*C]."""
+    windows = [_tap_window(x, (i, j), out_hw, strides, dilation) for i in range(kernel_hw[0])
+               for j in range(kernel_hw[1])]
+    columns = jnp.stack(windows, axis=-2)  # XLA:CPU builds this in one pass; a concatenate takes two
+    return columns.reshape(-1, columns.shape[-2] * columns.shape[-1])
+
+
+def _map_over_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int) -> jax.Array:
+    """``fn`` applied to batch chunks of ``x`` in a ``lax.map``, the remainder separately, outputs concatenated."""
+    batch = x.shape[0]
+    full = batch // chunk
+    if full <= 1:
+        return fn(x)
+    y = lax.map(fn, x[:full * chunk].reshape((full, chunk) + x.shape[1:]))
+    y = y.reshape((full * chunk,) + y.shape[2:])
+    return y if full * chunk == batch else jnp.concatenate([y, fn(x[full * chunk:])])
+
+
+def _conv_favours_im2col(in_features: int, kernel_shape: Sequence[int], strides: tuple[int, int]) -> bool:
+    """Stride-1 spatial convs with few input channels, where XLA:CPU's convolution is slowest (see above)."""
+    return strides == (1, 1) and kernel_shape[0] * kernel_shape[1] > 1 and in_features <= _IM2COL_MAX_FEATURES
 
 
 def _thin(kernel_shape: Sequence[int], strides: tuple[int, int]) -> bool:
@@ -164,6 +209,8 @@ def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding:
     elif _smaller_than_kernel(x.shape, _out_shape(x.shape, kernel.shape, strides, padding, dilation), kernel.shape,
                               dilation):
         replacement = lambda a, b: im2col_conv(a, b, strides, padding, dilation).astype(out_dtype)  # noqa: E731
+    elif _conv_favours_im2col(kernel.shape[2], kernel.shape, strides):
+        replacement = lambda a, b: chunked_im2col_conv(a, b, strides, padding, dilation).astype(out_dtype)  # noqa: E731
     else:
         return xla_conv(x, kernel, strides, padding, dilation, precision)
     if impl == "matmul":
@@ -190,14 +237,10 @@ def _pad_spatial(x: jax.Array, padding: Pairs, sign: int = 1) -> jax.Array:
 
 def _chunk_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
                        padding: Pairs, dilation: tuple[int, int]) -> jax.Array:
-    """The weight gradient [KH, KW, C_in, C_out] (float32) of one batch chunk: one product per tap."""
-    x = _pad_spatial(x, padding)
-    out_hw = g.shape[1:3]
-    g_rows = g.reshape(-1, g.shape[-1])
-    taps = [[lax.dot_general(_tap_window(x, (i, j), out_hw, strides, dilation).reshape(-1, x.shape[-1]), g_rows,
-                             (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-             for j in range(kernel_hw[1])] for i in range(kernel_hw[0])]
-    return jnp.stack([jnp.stack(row) for row in taps])
+    """The transposed weight gradient [C_out, KH*KW*C_in] (float32) of one batch chunk: ``g^T`` times its im2col."""
+    columns = _columns(_pad_spatial(x, padding), kernel_hw, g.shape[1:3], strides, dilation)
+    return lax.dot_general(g.reshape(-1, g.shape[-1]), columns, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
 
 
 def chunk_size(batch: int, out_hw: tuple[int, int], target_rows: int = _TARGET_CHUNK_ROWS) -> int:
@@ -207,24 +250,29 @@ def chunk_size(batch: int, out_hw: tuple[int, int], target_rows: int = _TARGET_C
 
 def matmul_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
                        padding: Pairs, dilation: tuple[int, int], chunk: Optional[int] = None) -> jax.Array:
-    """The weight gradient as per-tap products, summed in float32 over batch chunks with a ``lax.scan``."""
+    """The weight gradient as ``g^T im2col(x)`` products, summed in float32 over batch chunks with a ``lax.scan``."""
     batch = x.shape[0]
     chunk = chunk or chunk_size(batch, g.shape[1:3])
     grad = functools.partial(_chunk_weight_grad, kernel_hw=kernel_hw, strides=strides, padding=padding,
                              dilation=dilation)
     full = batch // chunk
     if full <= 1:
-        return grad(x, g)
+        return _untranspose(grad(x, g), kernel_hw, x.shape[-1])
     split = lambda a: a[:full * chunk].reshape((full, chunk) + a.shape[1:])  # noqa: E731
 
     def body(total, xs):
         return total + grad(*xs), None
 
-    zeros = jnp.zeros(kernel_hw + (x.shape[-1], g.shape[-1]), jnp.float32)
+    zeros = jnp.zeros((g.shape[-1], kernel_hw[0] * kernel_hw[1] * x.shape[-1]), jnp.float32)
     total, _ = lax.scan(body, zeros, (split(x), split(g)))
     if full * chunk < batch:
         total = total + grad(x[full * chunk:], g[full * chunk:])
-    return total
+    return _untranspose(total, kernel_hw, x.shape[-1])
+
+
+def _untranspose(grad_t: jax.Array, kernel_hw: tuple[int, int], in_features: int) -> jax.Array:
+    """[C_out, KH*KW*C_in] -> [KH, KW, C_in, C_out]."""
+    return grad_t.T.reshape(kernel_hw + (in_features, grad_t.shape[0]))
 
 
 def matmul_input_grad(g: jax.Array, kernel: jax.Array, in_shape: Sequence[int], strides: tuple[int, int],
@@ -268,13 +316,17 @@ def _matmul_grads(x: jax.Array, kernel: jax.Array, g: jax.Array, strides: tuple[
     xla_dx, xla_dw = None, None
     use_mm_dw = not _small_channels(kernel.shape)
     use_mm_dx = (_small_channels(kernel.shape) or (one_by_one and strides != (1, 1))
-                 or _smaller_than_kernel(x.shape, g.shape, kernel.shape, dilation))
+                 or _smaller_than_kernel(x.shape, g.shape, kernel.shape, dilation)
+                 or _conv_favours_im2col(kernel.shape[3], kernel.shape, strides))
     if not (use_mm_dw and use_mm_dx):
         xla_dx, xla_dw = _xla_grads(x, kernel, g, strides, padding, dilation, precision)
     dw = (matmul_weight_grad(x, g, kernel_hw, strides, padding, dilation).astype(kernel.dtype)
           if use_mm_dw else xla_dw)
     if not use_mm_dx:
         dx = xla_dx
+    elif _conv_favours_im2col(kernel.shape[3], kernel.shape, strides) and not _small_channels(kernel.shape):
+        flipped, pads = _input_grad_as_conv(kernel, x.shape, g.shape, padding, dilation)
+        dx = chunked_im2col_conv(g, flipped, (1, 1), pads, dilation)
     elif _thin(kernel.shape, strides):
         dx = shifted_input_grad(g, kernel, x.shape, padding, dilation)
     else:
