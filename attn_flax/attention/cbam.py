@@ -55,7 +55,8 @@ class ChannelGate(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         fc1 = dense(hidden_width(channels, self.reduction), "fc1")
         fc2 = dense(channels, "fc2")
-        logits = sum(fc2(nn.relu(fc1(global_pool(x, p)))) for p in self.pool_types)
+        pooled = jnp.concatenate([global_pool(x, p) for p in self.pool_types])  # one MLP pass for all poolings
+        logits = jnp.sum(fc2(nn.relu(fc1(pooled))).reshape(len(self.pool_types), x.shape[0], channels), axis=0)
         return nn.sigmoid(logits)[:, None, None, :]
 
 

@@ -215,7 +215,7 @@ def _stem(stem: str, features: int, conv: ModuleDef, norm: ModuleDef) -> Callabl
     def apply(x: jnp.ndarray) -> jnp.ndarray:
         x = nn.relu(stem_bn(stem_conv(x)))
         if stem == "imagenet":
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+            x = ops.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
         return x
 
     return apply

@@ -107,7 +107,7 @@ def shifted_conv(x: jax.Array, kernel: jax.Array, padding: Pairs, dilation: tupl
     terms = []
     for i in range(kernel.shape[0]):
         for j in range(kernel.shape[1]):
-            window = _tap_window(x, (i, j), out_hw, (1, 1), dilation)
+            window = tap_window(x, (i, j), out_hw, (1, 1), dilation)
             terms.extend(window[..., c:c + 1] * kernel[i, j, c] for c in range(kernel.shape[2]))
     while len(terms) > 1:  # pairwise, so rounding grows with log(taps), not with their number
         terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) - len(terms) % 2:]
@@ -159,7 +159,7 @@ def chunked_im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int
 def _columns(x: jax.Array, kernel_hw: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
              dilation: tuple[int, int]) -> jax.Array:
     """im2col of a padded input: row (n, oh, ow) holds the window tap by tap, [N*OH*OW, KH*KW*C]."""
-    windows = [_tap_window(x, (i, j), out_hw, strides, dilation) for i in range(kernel_hw[0])
+    windows = [tap_window(x, (i, j), out_hw, strides, dilation) for i in range(kernel_hw[0])
                for j in range(kernel_hw[1])]
     columns = jnp.stack(windows, axis=-2)  # XLA:CPU builds this in one pass; a concatenate takes two
     return columns.reshape(-1, columns.shape[-2] * columns.shape[-1])
@@ -219,7 +219,7 @@ def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding:
     return lax.platform_dependent(x, kernel, cpu=replacement, default=native)
 
 
-def _tap_window(x: jax.Array, tap: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
+def tap_window(x: jax.Array, tap: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
                 dilation: tuple[int, int]) -> jax.Array:
     """The input positions kernel tap ``tap`` meets, [N, OH, OW, C], from a padded input."""
     start = (0, tap[0] * dilation[0], tap[1] * dilation[1], 0)
