@@ -13,8 +13,9 @@ so on CPU this module computes (measured per pass on 2 cores, jax 0.10, XLA's ti
 
 - the weight gradient always as the im2col product above, summed in float32 over batch chunks of about 2,048
   rows (a ``lax.scan``) so each chunk's columns stay in cache: 1,188 -> 82 ms for 128x32x32x64 -> 64 3x3;
-- the forward pass and the stride-1 input gradient (itself a stride-1 conv of the cotangent with the flipped
-  kernel) of spatial convs with at most 64 input channels as chunked im2col products: 140 -> 73 ms;
+- on jax < 0.11, the forward pass and the stride-1 input gradient (itself a stride-1 conv of the cotangent with
+  the flipped kernel) of spatial convs with at most 64 input channels as chunked im2col products: 140 -> 73 ms
+  (jax >= 0.11 does these in 62 ms itself);
 - maps smaller than the kernel: one im2col product forward, per-tap products for the input gradient
   (267 -> 3.6 ms for 32x2x2x512 -> 512);
 - thin stride-1 convs (C_in x C_out < 256) forward and input gradient as sums of shifted windows times kernel
@@ -42,7 +43,9 @@ IMPLS = ("auto", "xla", "matmul")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _TARGET_CHUNK_ROWS = 2048  # rows of one chunk's products; 1k-4k measured alike, 32k 2x slower
 _IM2COL_CHUNK_ROWS = 2048
-_IM2COL_MAX_FEATURES = 64
+# jax 0.10's XLA:CPU runs <= 64-channel convs through YNNPACK at half the speed of its 128-channel ones (140 ms for
+# 128x32x32x64 -> 64 3x3); jax >= 0.11 runs them at 62 ms, ahead of chunked im2col (73 ms), so it keeps its own.
+_IM2COL_MAX_FEATURES = 64 if tuple(int(v) for v in jax.__version_info__[:2]) < (0, 11) else 0
 
 Pairs = tuple[tuple[int, int], tuple[int, int]]
 PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
