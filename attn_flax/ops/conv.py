@@ -205,7 +205,8 @@ def _out_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tup
 def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs, dilation: tuple[int, int],
              precision: Any, impl: str) -> jax.Array:
     """XLA's conv, except on CPU ('auto') or everywhere ('matmul'): thin stride-1 convs as :func:`shifted_conv`,
-    convs on maps smaller than the kernel as :func:`im2col_conv`."""
+    convs on maps smaller than the kernel as :func:`im2col_conv`, narrow stride-1 convs (jax < 0.11) as
+    :func:`chunked_im2col_conv`."""
     out_dtype = jnp.result_type(x, kernel)
     if _thin(kernel.shape, strides):
         replacement = lambda a, b: shifted_conv(a, b, padding, dilation).astype(out_dtype)  # noqa: E731
@@ -313,7 +314,7 @@ def _small_channels(kernel_shape: Sequence[int]) -> bool:
 
 def _matmul_grads(x: jax.Array, kernel: jax.Array, g: jax.Array, strides: tuple[int, int], padding: Pairs,
                   dilation: tuple[int, int], precision: Any) -> tuple[jax.Array, jax.Array]:
-    """Input and weight gradients, each from per-tap products where that beats XLA:CPU, else from XLA."""
+    """Input and weight gradients from matrix products (im2col or per tap) where they beat XLA:CPU, else XLA's."""
     kernel_hw = kernel.shape[:2]
     one_by_one = kernel_hw == (1, 1)
     xla_dx, xla_dw = None, None
