@@ -42,7 +42,6 @@ from jax import lax
 IMPLS = ("auto", "xla", "matmul")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _TARGET_CHUNK_ROWS = 2048  # rows of one chunk's products; 1k-4k measured alike, 32k 2x slower
-_IM2COL_CHUNK_ROWS = 2048
 # jax 0.10's XLA:CPU runs <= 64-channel convs through YNNPACK at half the speed of its 128-channel ones (140 ms for
 # 128x32x32x64 -> 64 3x3); jax >= 0.11 runs them at 62 ms, ahead of chunked im2col (73 ms), so it keeps its own.
 _IM2COL_MAX_FEATURES = 64 if tuple(int(v) for v in jax.__version_info__[:2]) < (0, 11) else 0
@@ -104,7 +103,7 @@ def shifted_conv(x: jax.Array, kernel: jax.Array, padding: Pairs, dilation: tupl
     XLA fuses it into one elementwise loop over the output; for thin convs (CBAM's 7x7 2 -> 1) that runs at memory
     speed, where XLA:CPU's convolution emitter reaches about 0.3 GFLOP/s.
     """
-    x = _pad_spatial(x, padding).astype(jnp.float32)
+    x = pad_spatial(x, padding).astype(jnp.float32)
     kernel = kernel.astype(jnp.float32)
     out_hw = tuple(output_size(x.shape[1 + a], kernel.shape[a], 1, dilation[a], (0, 0)) for a in range(2))
     terms = []
@@ -144,14 +143,14 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], paddi
     cores); the product takes 3.6 ms. The copies of the input it makes are small exactly when the map is.
     """
     out_hw = _out_shape(x.shape, kernel.shape, strides, padding, dilation)[1:3]
-    columns = _columns(_pad_spatial(x, padding), kernel.shape[:2], out_hw, strides, dilation)
+    columns = _columns(pad_spatial(x, padding), kernel.shape[:2], out_hw, strides, dilation)
     y = lax.dot_general(columns, kernel.reshape(-1, kernel.shape[-1]), (((1,), (0,)), ((), ())),
                         preferred_element_type=jnp.float32)
     return y.reshape(x.shape[:1] + out_hw + kernel.shape[-1:])
 
 
 def chunked_im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
-                        dilation: tuple[int, int], target_rows: int = _IM2COL_CHUNK_ROWS) -> jax.Array:
+                        dilation: tuple[int, int], target_rows: int = _TARGET_CHUNK_ROWS) -> jax.Array:
     """:func:`im2col_conv` over batch chunks of about ``target_rows`` output rows, so each chunk's columns stay in
     cache: 73 ms against XLA:CPU's 140 ms for a 128x32x32x64 -> 64 3x3 conv (2 cores, jax 0.10)."""
     out_hw = _out_shape(x.shape, kernel.shape, strides, padding, dilation)[1:3]
@@ -232,17 +231,27 @@ def tap_window(x: jax.Array, tap: tuple[int, int], out_hw: tuple[int, int], stri
     return lax.slice(x, start, limit, (1, strides[0], strides[1], 1))
 
 
-def _pad_spatial(x: jax.Array, padding: Pairs, sign: int = 1) -> jax.Array:
-    """Pads (sign 1) or crops (sign -1) H and W; ``lax.pad`` takes negative padding as cropping."""
+def pad_spatial(x: jax.Array, padding: Pairs, sign: int = 1, value: float = 0.0) -> jax.Array:
+    """Pads (sign 1) H and W with ``value``, or crops them (sign -1); ``lax.pad`` takes negative padding as cropping."""
     (top, bottom), (left, right) = padding
     config = [(0, 0, 0), (sign * top, sign * bottom, 0), (sign * left, sign * right, 0), (0, 0, 0)]
-    return lax.pad(x, jnp.zeros((), x.dtype), config)
+    return lax.pad(x, jnp.array(value, x.dtype), config)
+
+
+def place_tap(values: jax.Array, tap: tuple[int, int], padded_hw: Sequence[int], strides: tuple[int, int],
+              dilation: tuple[int, int]) -> jax.Array:
+    """The inverse of :func:`tap_window`: [N, OH, OW, C] values put back at the padded positions tap ``tap`` met,
+    zeros elsewhere (an interior-padded ``lax.pad``)."""
+    config = [(0, 0, 0)] + [(tap[a] * dilation[a],
+                             padded_hw[a] - tap[a] * dilation[a] - (values.shape[1 + a] - 1) * strides[a] - 1,
+                             strides[a] - 1) for a in range(2)] + [(0, 0, 0)]
+    return lax.pad(values, jnp.zeros((), values.dtype), config)
 
 
 def _chunk_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
                        padding: Pairs, dilation: tuple[int, int]) -> jax.Array:
     """The transposed weight gradient [C_out, KH*KW*C_in] (float32) of one batch chunk: ``g^T`` times its im2col."""
-    columns = _columns(_pad_spatial(x, padding), kernel_hw, g.shape[1:3], strides, dilation)
+    columns = _columns(pad_spatial(x, padding), kernel_hw, g.shape[1:3], strides, dilation)
     return lax.dot_general(g.reshape(-1, g.shape[-1]), columns, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32)
 
@@ -282,7 +291,6 @@ def _untranspose(grad_t: jax.Array, kernel_hw: tuple[int, int], in_features: int
 def matmul_input_grad(g: jax.Array, kernel: jax.Array, in_shape: Sequence[int], strides: tuple[int, int],
                       padding: Pairs, dilation: tuple[int, int]) -> jax.Array:
     """The input gradient as per-tap products ``g w[t]^T``, each placed back by an interior-padded ``lax.pad``."""
-    out_hw = g.shape[1:3]
     padded_hw = (in_shape[1] + padding[0][0] + padding[0][1], in_shape[2] + padding[1][0] + padding[1][1])
     g_rows = g.reshape(-1, g.shape[-1])
     total = None
@@ -290,14 +298,9 @@ def matmul_input_grad(g: jax.Array, kernel: jax.Array, in_shape: Sequence[int], 
         for j in range(kernel.shape[1]):
             rows = lax.dot_general(g_rows, kernel[i, j], (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)
-            tap = rows.reshape(g.shape[:3] + (kernel.shape[2],))
-            starts = (i * dilation[0], j * dilation[1])
-            config = [(0, 0, 0)] + [
-                (starts[a], padded_hw[a] - starts[a] - (out_hw[a] - 1) * strides[a] - 1, strides[a] - 1)
-                for a in range(2)] + [(0, 0, 0)]
-            placed = lax.pad(tap, jnp.zeros((), tap.dtype), config)
+            placed = place_tap(rows.reshape(g.shape[:3] + (kernel.shape[2],)), (i, j), padded_hw, strides, dilation)
             total = placed if total is None else total + placed
-    return _pad_spatial(total, padding, sign=-1).astype(g.dtype)
+    return pad_spatial(total, padding, sign=-1).astype(g.dtype)
 
 
 def _xla_grads(x: jax.Array, kernel: jax.Array, g: jax.Array, strides: tuple[int, int], padding: Pairs,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from attn_flax.ops.conv import Pairs, tap_window, output_size
+from attn_flax.ops.conv import Pairs, output_size, pad_spatial, place_tap, tap_window
 
 
 def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int], padding: Pairs) -> jax.Array:
@@ -35,11 +35,6 @@ def _native(x, window, strides, padding):
     return nn.max_pool(x, window, strides=strides, padding=padding)
 
 
-def _padded(x: jax.Array, padding: Pairs) -> jax.Array:
-    low = jnp.array(-jnp.inf, x.dtype)
-    return lax.pad(x, low, [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)])
-
-
 def _out_hw(x: jax.Array, window, strides, padding) -> tuple[int, int]:
     return tuple(output_size(x.shape[1 + a], window[a], strides[a], 1, padding[a]) for a in range(2))
 
@@ -49,25 +44,22 @@ def _taps(window):
 
 
 def _shifted_max(x, window, strides, padding):
-    xp, out_hw = _padded(x, padding), _out_hw(x, window, strides, padding)
+    xp, out_hw = pad_spatial(x, padding, value=-jnp.inf), _out_hw(x, window, strides, padding)
     windows = [tap_window(xp, tap, out_hw, strides, (1, 1)) for tap in _taps(window)]
     return functools.reduce(jnp.maximum, windows)
 
 
 def _first_max_grad(x, y, g, window, strides, padding):
     """Routes each output's cotangent to the first tap of its window that holds the maximum."""
-    xp, out_hw = _padded(x, padding), y.shape[1:3]
+    xp, out_hw = pad_spatial(x, padding, value=-jnp.inf), y.shape[1:3]
     taken = jnp.zeros(y.shape, bool)
     total = None
     for tap in _taps(window):
         hit = (tap_window(xp, tap, out_hw, strides, (1, 1)) == y) & ~taken
         taken = taken | hit
-        config = [(0, 0, 0)] + [(tap[a], xp.shape[1 + a] - tap[a] - (out_hw[a] - 1) * strides[a] - 1, strides[a] - 1)
-                                for a in range(2)] + [(0, 0, 0)]
-        placed = lax.pad(jnp.where(hit, g, jnp.zeros((), g.dtype)), jnp.zeros((), g.dtype), config)
+        placed = place_tap(jnp.where(hit, g, jnp.zeros((), g.dtype)), tap, xp.shape[1:3], strides, (1, 1))
         total = placed if total is None else total + placed
-    (top, bottom), (left, right) = padding
-    return lax.pad(total, jnp.zeros((), g.dtype), [(0, 0, 0), (-top, -bottom, 0), (-left, -right, 0), (0, 0, 0)])
+    return pad_spatial(total, padding, sign=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
