@@ -12,9 +12,10 @@ cross entropy, backward, SGD with momentum 0.9, on one fixed random batch. ``--c
 backward implementations (``attn_flax.ops.IMPLS``: 'auto' picks matrix-product gradients on CPU, 'xla' is XLA's
 native path, i.e. the behaviour of ``nn.Conv``); ``--vs-torch`` adds the same architecture in PyTorch
 (``tests/torch_reference.py``, imported from the repository's tests directory only when asked; needs torch),
-with the same optimiser and ``torch.set_num_threads`` set to the JAX process's core count. Step times are
-measured round-robin, an untimed and a timed step of each variant in turn, so that load from other processes
-on the machine affects every variant alike; the median over ``--steps`` is reported.
+with the same optimiser and ``torch.set_num_threads`` set to the JAX process's core count; when JAX runs on a
+GPU, PyTorch runs on CUDA too, channels-last (NHWC, as XLA lays out GPU convolutions), synchronised after each
+step. Step times are measured round-robin, an untimed and a timed step of each variant in turn, so that load from
+other processes on the machine affects every variant alike; the median over ``--steps`` is reported.
 
 FLOPs come from XLA's cost analysis of the eval forward pass at batch 1 (a multiply-add counts 2; MACs are
 half). Peak memory is the process's peak resident set size (CPU has no allocator statistics), so it covers
@@ -144,11 +145,17 @@ class TorchRunner:
 
         torch.set_num_threads(threads)
         self.torch = torch
+        self.device = torch_device(torch)
         self.model = torch_reference.ResNet(TORCH_DEPTHS[args.model], args.stem, args.num_classes,
                                             attention=None if attention == "none" else attention).train()
+        self.model.to(self.device)
+        if self.device == "cuda":
+            self.model.to(memory_format=torch.channels_last)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
-        self.images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(self.device)
+        if self.device == "cuda":
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.labels = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         self.name = f"torch[{label.rstrip(',')}]" if label else "torch"
         self.params = torch_reference.count_parameters(self.model)
         self.times: list[float] = []
@@ -159,7 +166,14 @@ class TorchRunner:
         loss = self.torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
         loss.backward()
         self.opt.step()
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
         return time.perf_counter() - start
+
+
+def torch_device(torch: Any) -> str:
+    """'cuda' when JAX runs on a GPU and PyTorch sees one (NHWC there, as XLA's GPU convolutions), else 'cpu'."""
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def time_round_robin(runners: list[Any], steps: int) -> None:
@@ -176,10 +190,19 @@ def time_round_robin(runners: list[Any], steps: int) -> None:
 
 
 def forward_flops(model: Any, variables: dict, image_size: int) -> float:
-    """FLOPs of one image's eval forward pass, from XLA's cost analysis (a multiply-add counts 2)."""
+    """FLOPs of one image's eval forward pass (a multiply-add counts 2), from XLA:CPU's cost analysis.
+
+    The CPU compiler's count, also on a GPU host: a GPU executable's analysis leaves out its cuDNN calls. Without
+    a CPU backend (``JAX_PLATFORMS=cuda``), the unoptimised HLO's count, about 1.5% lower (no fused elementwise).
+    """
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, x).compile()
-    cost = compiled.cost_analysis()
+    forward = jax.jit(functools.partial(model.apply, train=False))
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:
+        cost = forward.lower(variables, x).cost_analysis()
+    else:
+        cost = forward.lower(*jax.device_put((variables, x), cpu)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan")))
 
@@ -245,6 +268,7 @@ def run(args: argparse.Namespace) -> dict:
         import torch
 
         result["torch"] = torch.__version__
+        result["torch_device"] = torch_device(torch)
         result["torch_params"] = next(r.params for r in runners if isinstance(r, TorchRunner))
         result["ratio_vs_torch"] = {}
         for attention in args.attentions:
@@ -267,6 +291,8 @@ def format_text(result: dict) -> str:
         f"  peak RSS          {result['peak_rss_mb']:.0f} MiB",
         f"  train step (median of {result['steps']}, round-robin):",
     ]
+    if "torch" in result:
+        lines.insert(-1, f"  torch             {result['torch']} on {result['torch_device']}")
     for name, ms in result["step_ms"].items():
         ratio = result.get("ratio_vs_torch", {}).get(name)
         lines.append(f"    {name:<20} {ms:9.1f} ms" + (f"   {ratio:.2f}x torch" if ratio is not None else ""))

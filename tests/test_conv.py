@@ -220,3 +220,52 @@ def test_maps_smaller_than_the_kernel_use_products_on_cpu_only(name):
     assert "convolution(" not in cpu_hlo, "CPU: XLA's slow loop for maps smaller than the kernel must not appear"
     gpu_hlo = jax.jit(f).trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
     assert gpu_hlo.count("convolution(") >= 3
+
+
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu",
+                            reason="needs a GPU: JAX_PLATFORMS=cuda pytest tests/test_conv.py -k gpu")
+
+
+def _custom_call_targets(compiled_text: str) -> list[str]:
+    return sorted(t for t in compiled_text.split('custom_call_target="')[1:] for t in [t.split('"')[0]])
+
+
+@on_gpu
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_gpu_runs_the_same_kernels_as_xla(name):
+    """On a GPU, 'auto' compiles to the library calls XLA's own path makes, with XLA's results.
+
+    Results are compared to float32 tolerance, not bitwise: each compile autotunes its cuDNN algorithms afresh.
+    TF32 is off (precision 'highest') so that two algorithms differ only in float32 rounding.
+    """
+    shape = SHAPES[name]
+    x, kernel, kg = _operands(shape)
+    with jax.default_matmul_precision("highest"):
+        auto, xla = (jax.jit(lambda a, b, impl=impl: _grads(shape, impl, a, b, kg)) for impl in ("auto", "xla"))
+        targets = _custom_call_targets(auto.lower(x, kernel).compile().as_text())
+        assert targets == _custom_call_targets(xla.lower(x, kernel).compile().as_text())
+        assert name == "7x7_cbam_spatial" or any("cudnn$conv" in t for t in targets), targets
+        jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, 1e-6), auto(x, kernel), xla(x, kernel))
+
+
+@on_gpu
+def test_gpu_resnet_train_gradients_equal_xla():
+    from attn_flax import models
+
+    resnet = models.ResNet(stage_sizes=(1, 1), block_cls=models.Bottleneck, num_classes=3, widths=(8, 16),
+                           stem="imagenet", attention=models.attention_factory("cbam", reduction=4))
+    x = jnp.asarray(np.random.RandomState(0).randn(4, 32, 32, 3), jnp.float32)
+    variables = resnet.init(jax.random.PRNGKey(0), x, train=False)
+
+    def grads(impl):
+        def loss(params):
+            with ops.default_impl(impl):
+                logits, _ = resnet.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+        step = jax.jit(jax.grad(loss))
+        return _custom_call_targets(step.lower(variables["params"]).compile().as_text()), step(variables["params"])
+
+    with jax.default_matmul_precision("highest"):
+        (targets, auto), (targets_ref, xla) = grads("auto"), grads("xla")
+    assert targets == targets_ref
+    jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, 1e-5), auto, xla)
