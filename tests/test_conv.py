@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from attn_flax import ops
 from attn_flax.ops import conv as conv_lib
+from attn_flax.ops import winograd
 
 # (batch, height, width, in, out, kernel, stride, padding, dilation): every conv shape the ResNets and the
 # attention modules use, plus the awkward cases (non-square input, batch 1, a batch the chunks do not divide).
@@ -28,6 +29,8 @@ SHAPES = {
     "3x3_on_2x2_map": (2, 2, 2, 16, 16, 3, 1, 1, 1),
     "3x3_stride2_to_2x2_map": (2, 4, 4, 16, 16, 3, 2, 1, 1),
     "3x3_on_1x3_map": (3, 1, 3, 16, 8, 3, 1, 1, 1),
+    "3x3_stride1_odd_non_square": (3, 7, 9, 16, 8, 3, 1, 1, 1),
+    "3x3_stride1_valid": (2, 9, 8, 16, 16, 3, 1, 0, 1),
 }
 
 
@@ -58,7 +61,7 @@ def _assert_close(actual, expected, rtol):
 
 @pytest.mark.parametrize("name,impl", [(name, "matmul") for name in sorted(SHAPES)]
                          + [(name, "auto") for name in ("3x3_stride2", "7x7_cbam_spatial", "3x3_on_2x2_map",
-                                                        "3x3_stride2_to_2x2_map")])
+                                                        "3x3_stride2_to_2x2_map", "3x3_stride1_odd_non_square")])
 def test_gradients_equal_xla(name, impl, monkeypatch):
     if impl == "matmul":  # the im2col forward and input gradient, which only jax < 0.11 uses by default
         monkeypatch.setattr(conv_lib, "_IM2COL_MAX_FEATURES", 64)
@@ -150,11 +153,10 @@ def _cpu_and_gpu_hlo(shape):
 
 def test_auto_uses_matmul_gradients_on_cpu_only():
     cpu_hlo, gpu_hlo = _cpu_and_gpu_hlo((2, 8, 8, 16, 32, 3, 1, 1, 1))
-    narrow_convs = 0 if conv_lib._IM2COL_MAX_FEATURES >= 32 else 2  # jax < 0.11: forward and dx products too
-    assert cpu_hlo.count("convolution(") == narrow_convs and " dot(" in cpu_hlo
+    assert cpu_hlo.count("convolution(") == 0 and " dot(" in cpu_hlo, "CPU, 3x3 stride 1: Winograd and im2col"
     assert " dot(" not in gpu_hlo and gpu_hlo.count("convolution(") == 3
-    cpu_hlo, _ = _cpu_and_gpu_hlo((2, 4, 4, 128, 128, 3, 1, 1, 1))
-    assert cpu_hlo.count("convolution(") == 2 and " dot(" in cpu_hlo, "CPU, wide: XLA's forward and input grad"
+    cpu_hlo, _ = _cpu_and_gpu_hlo((2, 8, 8, 128, 128, 3, 2, 1, 1))
+    assert cpu_hlo.count("convolution(") == 2 and " dot(" in cpu_hlo, "CPU, strided: XLA's forward and input grad"
 
 
 def test_chunked_im2col_forward_with_a_remainder_chunk():
@@ -165,6 +167,27 @@ def test_chunked_im2col_forward_with_a_remainder_chunk():
     y = jax.jit(functools.partial(conv_lib.chunked_im2col_conv, strides=(1, 1), padding=pads, dilation=(1, 1),
                                   target_rows=60))(x, kernel)  # chunks of 3 images: 3 + 3 + 1
     _assert_close(y, y_ref, 1e-6)
+
+
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 2), (1, 0)), ((0, 0), (0, 0)), ((2, 2), (3, 1))])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 5), (4, 3)])
+def test_winograd_conv_equals_xla(padding, hw):
+    x = jnp.asarray(np.random.RandomState(0).randn(2, *hw, 8), jnp.float32)
+    kernel = jnp.asarray(np.random.RandomState(1).randn(3, 3, 8, 16) / np.sqrt(72), jnp.float32)
+    y = jax.jit(functools.partial(winograd.winograd_conv, padding=padding))(x, kernel)
+    _assert_close(y, conv_lib.xla_conv(x, kernel, (1, 1), padding, (1, 1)), 2e-6)
+
+
+def test_chunked_winograd_conv_with_a_remainder_chunk_and_bfloat16():
+    x = jnp.asarray(np.random.RandomState(0).randn(7, 6, 6, 16), jnp.float32)
+    kernel = jnp.asarray(np.random.RandomState(1).randn(3, 3, 16, 16) / 12, jnp.float32)
+    pads = ((1, 1), (1, 1))
+    y_ref = conv_lib.xla_conv(x, kernel, (1, 1), pads, (1, 1))
+    conv = functools.partial(conv_lib.chunked_winograd_conv, padding=pads, target_rows=108)  # chunks 3 + 3 + 1
+    _assert_close(jax.jit(conv)(x, kernel), y_ref, 2e-6)
+    y16 = jax.jit(conv)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.float32, "transforms and products in float32; the caller casts"
+    _assert_close(y16, y_ref, 2e-2)
 
 
 def test_invalid_impl_and_padding_are_rejected():
