@@ -85,6 +85,16 @@ def test_weight_grad_batch_chunks_with_remainder(chunk):
     _assert_close(dw, dw_ref, 1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_winograd_weight_grad_batch_chunks_with_remainder(chunk):
+    shape = (7, 6, 5, 8, 16, 3, 1, ((0, 2), (1, 1)), 1)
+    x, kernel, kg = _operands(shape)
+    _, (_, dw_ref) = _grads(shape, "xla", x, kernel, kg)
+    g = jnp.asarray(np.random.RandomState(kg).randn(7, 6, 5, 16), jnp.float32)
+    dw = jax.jit(functools.partial(conv_lib.winograd_weight_grad, padding=shape[7], chunk=chunk))(x, g)
+    _assert_close(dw, dw_ref, 2e-6)
+
+
 def test_bfloat16_gradients_accumulate_in_float32():
     shape = (4, 6, 6, 16, 16, 3, 1, 1, 1)
     x, kernel, kg = _operands(shape, jnp.bfloat16)

@@ -11,12 +11,13 @@ speed of 128-channel ones, thin convs (CBAM's 7x7 2 -> 1) at 0.3 GFLOP/s, and ma
 
 so on CPU this module computes (measured per pass on 2 cores, XLA's time first):
 
-- the weight gradient always as the im2col product above, summed in float32 over batch chunks of about 2,048
+- 3x3 stride-1 convs (every such conv of the ResNets): all three passes by Winograd's F(2x2, 3x3)
+  (:mod:`attn_flax.ops.winograd`) over batch chunks, 2.25x fewer multiplies, results within about 1e-6 of the
+  output scale. Forward and input gradient (itself a stride-1 3x3 conv of the cotangent with the flipped
+  kernel): 103 -> 45 ms at 128x32x32x64 -> 64 and 71 -> 37 at 128x8x8x256 -> 256 on jax 0.10 (jax 0.12: 53 -> 41,
+  58 -> 35); weight gradient, against the im2col product below: 93 -> 83 and 63 -> 34 ms;
+- other weight gradients as the im2col product above, summed in float32 over batch chunks of about 2,048
   rows (a ``lax.scan``) so each chunk's columns stay in cache: 1,188 -> 82 ms for 128x32x32x64 -> 64 3x3;
-- 3x3 stride-1 convs (every such conv of the ResNets), forward and input gradient (itself a stride-1 3x3 conv
-  of the cotangent with the flipped kernel), by Winograd's F(2x2, 3x3) (:mod:`attn_flax.ops.winograd`) over
-  batch chunks: 2.25x fewer multiplies, 103 -> 45 ms at 128x32x32x64 -> 64 and 71 -> 37 at 128x8x8x256 -> 256
-  on jax 0.10 (jax 0.12: 53 -> 41, 58 -> 35), results within about 1e-6 of the output scale;
 - on jax < 0.11, the forward pass and the stride-1 input gradient of other spatial convs with at most 64 input
   channels (BAM's dilated 3x3) as chunked im2col products: 140 -> 73 ms at the size above;
 - maps smaller than the kernel: one im2col product forward, per-tap products for the input gradient
@@ -291,23 +292,37 @@ def chunk_size(batch: int, out_hw: tuple[int, int], target_rows: int = _TARGET_C
 def matmul_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
                        padding: Pairs, dilation: tuple[int, int], chunk: Optional[int] = None) -> jax.Array:
     """The weight gradient as ``g^T im2col(x)`` products, summed in float32 over batch chunks with a ``lax.scan``."""
-    batch = x.shape[0]
-    chunk = chunk or chunk_size(batch, g.shape[1:3])
     grad = functools.partial(_chunk_weight_grad, kernel_hw=kernel_hw, strides=strides, padding=padding,
                              dilation=dilation)
+    total = _sum_over_chunks(grad, x, g, chunk or chunk_size(x.shape[0], g.shape[1:3]))
+    return _untranspose(total, kernel_hw, x.shape[-1])
+
+
+def winograd_weight_grad(x: jax.Array, g: jax.Array, padding: Pairs, chunk: Optional[int] = None) -> jax.Array:
+    """The weight gradient of a 3x3 stride-1 conv by Winograd (:func:`attn_flax.ops.winograd.weight_grad`), the
+    transformed gradients summed in float32 over batch chunks."""
+    grad = functools.partial(winograd.transformed_weight_grad, padding=padding)
+    total = _sum_over_chunks(grad, x, g, chunk or chunk_size(x.shape[0], g.shape[1:3], _WINOGRAD_CHUNK_ROWS))
+    return winograd.untransform_weight_grad(total)
+
+
+def _sum_over_chunks(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, g: jax.Array,
+                     chunk: int) -> jax.Array:
+    """sum of ``fn(x_chunk, g_chunk)`` over batch chunks: a ``lax.scan`` over the whole chunks, then the rest."""
+    batch = x.shape[0]
     full = batch // chunk
     if full <= 1:
-        return _untranspose(grad(x, g), kernel_hw, x.shape[-1])
+        return fn(x, g)
     split = lambda a: a[:full * chunk].reshape((full, chunk) + a.shape[1:])  # noqa: E731
 
     def body(total, xs):
-        return total + grad(*xs), None
+        return total + fn(*xs), None
 
-    zeros = jnp.zeros((g.shape[-1], kernel_hw[0] * kernel_hw[1] * x.shape[-1]), jnp.float32)
-    total, _ = lax.scan(body, zeros, (split(x), split(g)))
+    zeros = jax.eval_shape(fn, x[:chunk], g[:chunk])
+    total, _ = lax.scan(body, jnp.zeros(zeros.shape, zeros.dtype), (split(x), split(g)))
     if full * chunk < batch:
-        total = total + grad(x[full * chunk:], g[full * chunk:])
-    return _untranspose(total, kernel_hw, x.shape[-1])
+        total = total + fn(x[full * chunk:], g[full * chunk:])
+    return total
 
 
 def _untranspose(grad_t: jax.Array, kernel_hw: tuple[int, int], in_features: int) -> jax.Array:
@@ -355,12 +370,17 @@ def _matmul_grads(x: jax.Array, kernel: jax.Array, g: jax.Array, strides: tuple[
                  or _conv_favours_im2col(kernel.shape[3], kernel.shape, strides))
     if not (use_mm_dw and use_mm_dx):
         xla_dx, xla_dw = _xla_grads(x, kernel, g, strides, padding, dilation, precision)
-    dw = (matmul_weight_grad(x, g, kernel_hw, strides, padding, dilation).astype(kernel.dtype)
-          if use_mm_dw else xla_dw)
+    winograd_fits = (_winograd_fits(kernel.shape, strides, dilation)
+                     and not _smaller_than_kernel(x.shape, g.shape, kernel.shape, dilation))
+    if not use_mm_dw:
+        dw = xla_dw
+    elif winograd_fits:
+        dw = winograd_weight_grad(x, g, padding).astype(kernel.dtype)
+    else:
+        dw = matmul_weight_grad(x, g, kernel_hw, strides, padding, dilation).astype(kernel.dtype)
     if not use_mm_dx:
         dx = xla_dx
-    elif _winograd_fits(kernel.shape, strides, dilation) and not _smaller_than_kernel(x.shape, g.shape, kernel.shape,
-                                                                                     dilation):
+    elif winograd_fits:
         flipped, pads = _input_grad_as_conv(kernel, x.shape, g.shape, padding, dilation)
         dx = chunked_winograd_conv(g, flipped, pads)
     elif _conv_favours_im2col(kernel.shape[3], kernel.shape, strides) and not _small_channels(kernel.shape):

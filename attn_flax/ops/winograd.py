@@ -85,14 +85,56 @@ def transformed_conv(x: jax.Array, u: list[list[jax.Array]],
 
     The input is padded so the output is a whole number of 2x2 tiles, and the surplus cropped at the end.
     """
-    out_hw = tuple(x.shape[1 + a] + padding[a][0] + padding[a][1] - 2 for a in range(2))
-    tiles_hw = _tiles(out_hw)
-    extra = [TILE * tiles_hw[a] - out_hw[a] for a in range(2)]
-    pads = [(0, 0, 0)] + [(padding[a][0], padding[a][1] + extra[a], 0) for a in range(2)] + [(0, 0, 0)]
-    x_padded = lax.pad(x.astype(jnp.float32), jnp.zeros((), jnp.float32), pads)
+    x_padded, out_hw, tiles_hw = _padded_for_tiles(x, padding)
     v = input_transform(x_padded, tiles_hw)
     n, c_in, c_out = x.shape[0], u[0][0].shape[0], u[0][0].shape[1]
     m = [[jnp.dot(v[a][b].reshape(-1, c_in), u[a][b], precision=lax.Precision.HIGHEST,
                   preferred_element_type=jnp.float32).reshape((n,) + tiles_hw + (c_out,))
           for b in range(_INPUT_TILE)] for a in range(_INPUT_TILE)]
     return output_transform(m)[:, :out_hw[0], :out_hw[1]]
+
+
+def _padded_for_tiles(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]
+                      ) -> tuple[jax.Array, tuple[int, int], tuple[int, int]]:
+    """The float32 input padded so the output is a whole number of 2x2 tiles; the output and tile counts."""
+    out_hw = tuple(x.shape[1 + a] + padding[a][0] + padding[a][1] - 2 for a in range(2))
+    tiles_hw = _tiles(out_hw)
+    pads = [(0, 0, 0)] + [(padding[a][0], padding[a][1] + TILE * tiles_hw[a] - out_hw[a], 0)
+                          for a in range(2)] + [(0, 0, 0)]
+    return lax.pad(x.astype(jnp.float32), jnp.zeros((), jnp.float32), pads), out_hw, tiles_hw
+
+
+def transformed_weight_grad(x: jax.Array, g: jax.Array,
+                            padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The weight gradient in the transformed domain, [16, C_in, C_out] float32 (see :func:`weight_grad`)."""
+    x_padded, out_hw, tiles_hw = _padded_for_tiles(x, padding)
+    v = input_transform(x_padded, tiles_hw)
+    g = lax.pad(g.astype(jnp.float32), jnp.zeros((), jnp.float32),
+                [(0, 0, 0)] + [(0, TILE * tiles_hw[a] - out_hw[a], 0) for a in range(2)] + [(0, 0, 0)])
+    g_tiles = [[g[:, r::TILE, s::TILE] for s in range(TILE)] for r in range(TILE)]
+    rows = [[_combine(_AT[:, a], [g_tiles[r][s] for r in range(TILE)]) for s in range(TILE)]
+            for a in range(_INPUT_TILE)]
+    dm = [[_combine(_AT[:, b], rows[a]) for b in range(_INPUT_TILE)] for a in range(_INPUT_TILE)]
+    c_in, c_out = x.shape[-1], g.shape[-1]
+    return jnp.stack([lax.dot_general(v[a][b].reshape(-1, c_in), dm[a][b].reshape(-1, c_out),
+                                      (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                                      preferred_element_type=jnp.float32)
+                      for a in range(_INPUT_TILE) for b in range(_INPUT_TILE)])
+
+
+def untransform_weight_grad(du: jax.Array) -> jax.Array:
+    """dw = G^T dU G per (C_in, C_out) pair: [16, C_in, C_out] -> [3, 3, C_in, C_out]."""
+    du = du.reshape((_INPUT_TILE, _INPUT_TILE) + du.shape[1:])
+    rows = [[_combine(_G[:, i], [du[a, b] for a in range(_INPUT_TILE)]) for b in range(_INPUT_TILE)]
+            for i in range(3)]
+    return jnp.stack([jnp.stack([_combine(_G[:, j], rows[i]) for j in range(3)]) for i in range(3)])
+
+
+def weight_grad(x: jax.Array, g: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The kernel gradient of :func:`winograd_conv` for output cotangent ``g``, [3, 3, C_in, C_out] float32.
+
+    Transposing the forward pass: dM = A g A^T per output tile (the 2x2 cotangent tile spread over 4x4),
+    dU[a, b] = V[a, b]^T dM[a, b] (16 products over tiles, 2.25x fewer multiplies than ``g^T im2col(x)``),
+    dw = G^T dU G.
+    """
+    return untransform_weight_grad(transformed_weight_grad(x, g, padding))
