@@ -31,3 +31,28 @@ def _page_faults_per_call(mode: str) -> int:
 def test_retained_memory_removes_per_call_page_faults():
     assert _page_faults_per_call("default") > 30_000, "the baseline should fault the 256 MB temporary in"
     assert _page_faults_per_call("retain") < 3_000
+
+
+TRIM_SCRIPT = textwrap.dedent("""
+    import ctypes, ctypes.util, resource
+    from attn_flax import ops
+    assert ops.retain_freed_memory()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    size = 2_300_000_000  # a free heap top above 2**31 - 1 bytes, the largest trim threshold mallopt's int can say
+    def touch():
+        p = libc.malloc(ctypes.c_size_t(size))
+        ctypes.memset(p, 1, size)
+        libc.free(ctypes.c_void_p(p))
+    touch()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    touch()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_heap_is_not_trimmed_above_two_gib():
+    out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, check=True,
+                         env={"PATH": ""})
+    assert int(out.stdout.strip().splitlines()[-1]) < 3_000, "a 2.3 GB block freed and taken again faults anew"
