@@ -299,8 +299,8 @@ def matmul_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], s
 
 
 def winograd_weight_grad(x: jax.Array, g: jax.Array, padding: Pairs, chunk: Optional[int] = None) -> jax.Array:
-    """The weight gradient of a 3x3 stride-1 conv by Winograd (:func:`attn_flax.ops.winograd.weight_grad`), the
-    transformed gradients summed in float32 over batch chunks."""
+    """The weight gradient of a 3x3 stride-1 conv by Winograd (:mod:`attn_flax.ops.winograd`), the transformed
+    gradients summed in float32 over batch chunks before the one transform back."""
     grad = functools.partial(winograd.transformed_weight_grad, padding=padding)
     total = _sum_over_chunks(grad, x, g, chunk or chunk_size(x.shape[0], g.shape[1:3], _WINOGRAD_CHUNK_ROWS))
     return winograd.untransform_weight_grad(total)

@@ -10,9 +10,9 @@ same pattern (520,000-790,000 faults, 3.1 s -> 2.5 s when fixed).
 threads otherwise get their own, which map large blocks regardless), no ``mmap`` for large blocks, and no
 trimming of the heap at all (a 2 GiB threshold, the largest positive ``int``, was not enough: with a few
 compiled steps in one process the free top of the heap passed it, and every few steps 300,000 pages were
-returned and faulted in again, 3 s of kernel time). The process's resident memory then stays at its peak instead of rising and
-falling every step. It only applies to Linux with glibc; elsewhere it does nothing. The same effect is available
-from outside the process with jemalloc or tcmalloc through ``LD_PRELOAD``.
+returned and faulted in again, 3 s of kernel time). The process's resident memory then stays at its peak
+instead of rising and falling every step. It only applies to Linux with glibc; elsewhere it does nothing. The
+same effect is available from outside the process with jemalloc or tcmalloc through ``LD_PRELOAD``.
 """
 import ctypes
 import ctypes.util

@@ -10,7 +10,8 @@ so a layer becomes a transform of the input tiles (V = B^T d B, additions only),
 16 multiplies per 4 outputs where direct convolution takes 36, 2.25x fewer FLOPs. With these small integer
 transforms float32 results differ from direct convolution by about 1e-6 of the output scale (the larger
 F(4x4, 3x3) tiles run no faster here and lose an order of magnitude of accuracy). Used by :mod:`attn_flax.ops.conv`
-on CPU for the forward pass and the input gradient (itself a stride-1 3x3 conv) where XLA:CPU is slower.
+on CPU for all three passes: the forward, the input gradient (itself a stride-1 3x3 conv) and the weight gradient
+(the same transforms, transposed).
 """
 from collections.abc import Sequence
 
@@ -106,7 +107,13 @@ def _padded_for_tiles(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, i
 
 def transformed_weight_grad(x: jax.Array, g: jax.Array,
                             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """The weight gradient in the transformed domain, [16, C_in, C_out] float32 (see :func:`weight_grad`)."""
+    """The kernel gradient of :func:`winograd_conv` for output cotangent ``g`` in the transformed domain,
+    [16, C_in, C_out] float32, so batch chunks' parts are summed before one :func:`untransform_weight_grad`.
+
+    Transposing the forward pass: dM = A g A^T per output tile (the 2x2 cotangent tile spread over 4x4),
+    dU[a, b] = V[a, b]^T dM[a, b] (16 products over tiles, 2.25x fewer multiplies than ``g^T im2col(x)``), and
+    dw = G^T dU G.
+    """
     x_padded, out_hw, tiles_hw = _padded_for_tiles(x, padding)
     v = input_transform(x_padded, tiles_hw)
     g = lax.pad(g.astype(jnp.float32), jnp.zeros((), jnp.float32),
@@ -129,12 +136,3 @@ def untransform_weight_grad(du: jax.Array) -> jax.Array:
             for i in range(3)]
     return jnp.stack([jnp.stack([_combine(_G[:, j], rows[i]) for j in range(3)]) for i in range(3)])
 
-
-def weight_grad(x: jax.Array, g: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """The kernel gradient of :func:`winograd_conv` for output cotangent ``g``, [3, 3, C_in, C_out] float32.
-
-    Transposing the forward pass: dM = A g A^T per output tile (the 2x2 cotangent tile spread over 4x4),
-    dU[a, b] = V[a, b]^T dM[a, b] (16 products over tiles, 2.25x fewer multiplies than ``g^T im2col(x)``),
-    dw = G^T dU G.
-    """
-    return untransform_weight_grad(transformed_weight_grad(x, g, padding))
