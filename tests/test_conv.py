@@ -25,6 +25,7 @@ SHAPES = {
     "non_square": (3, 6, 10, 8, 16, 3, 2, 1, 1),
     "batch1": (1, 8, 8, 16, 16, 3, 1, 1, 1),
     "same_padding_stride2": (2, 7, 7, 16, 16, 3, 2, "SAME", 1),
+    "3x3_stride2_odd_non_square": (3, 9, 7, 16, 24, 3, 2, 1, 1),
     "asymmetric_pairs": (2, 7, 9, 16, 16, 3, 1, ((0, 2), (1, 0)), 1),
     "3x3_on_2x2_map": (2, 2, 2, 16, 16, 3, 1, 1, 1),
     "3x3_stride2_to_2x2_map": (2, 4, 4, 16, 16, 3, 2, 1, 1),
@@ -61,7 +62,8 @@ def _assert_close(actual, expected, rtol):
 
 @pytest.mark.parametrize("name,impl", [(name, "matmul") for name in sorted(SHAPES)]
                          + [(name, "auto") for name in ("3x3_stride2", "7x7_cbam_spatial", "3x3_on_2x2_map",
-                                                        "3x3_stride2_to_2x2_map", "3x3_stride1_odd_non_square")])
+                                                        "3x3_stride2_to_2x2_map", "3x3_stride1_odd_non_square",
+                                                        "3x3_stride2_odd_non_square")])
 def test_gradients_equal_xla(name, impl, monkeypatch):
     if impl == "matmul":  # the im2col forward and input gradient, which only jax < 0.11 uses by default
         monkeypatch.setattr(conv_lib, "_IM2COL_MAX_FEATURES", 64)
@@ -161,12 +163,16 @@ def _cpu_and_gpu_hlo(shape):
     return cpu_hlo, gpu_hlo
 
 
-def test_auto_uses_matmul_gradients_on_cpu_only():
+def test_auto_uses_matmul_gradients_on_cpu_only(monkeypatch):
     cpu_hlo, gpu_hlo = _cpu_and_gpu_hlo((2, 8, 8, 16, 32, 3, 1, 1, 1))
     assert cpu_hlo.count("convolution(") == 0 and " dot(" in cpu_hlo, "CPU, 3x3 stride 1: Winograd and im2col"
     assert " dot(" not in gpu_hlo and gpu_hlo.count("convolution(") == 3
     cpu_hlo, _ = _cpu_and_gpu_hlo((2, 8, 8, 128, 128, 3, 2, 1, 1))
     assert cpu_hlo.count("convolution(") == 2 and " dot(" in cpu_hlo, "CPU, strided: XLA's forward and input grad"
+    monkeypatch.setattr(conv_lib, "_IM2COL_MAX_FEATURES", 64)  # jax < 0.11's setting
+    cpu_hlo, gpu_hlo = _cpu_and_gpu_hlo((2, 8, 8, 64, 128, 3, 2, 1, 1))
+    assert cpu_hlo.count("convolution(") == 1, "CPU, strided with 64 input channels: im2col forward"
+    assert " dot(" not in gpu_hlo and gpu_hlo.count("convolution(") == 3
 
 
 def test_chunked_im2col_forward_with_a_remainder_chunk():

@@ -19,7 +19,8 @@ so on CPU this module computes (measured per pass on 2 cores, XLA's time first):
 - other weight gradients as the im2col product above, summed in float32 over batch chunks of about 2,048
   rows (a ``lax.scan``) so each chunk's columns stay in cache: 1,188 -> 82 ms for 128x32x32x64 -> 64 3x3;
 - on jax < 0.11, the forward pass and the stride-1 input gradient of other spatial convs with at most 64 input
-  channels (BAM's dilated 3x3) as chunked im2col products: 140 -> 73 ms at the size above;
+  channels (BAM's dilated 3x3, ResNet-18's first stride-2 3x3) as chunked im2col products: 140 -> 73 ms at the
+  size above, 77 -> 38 ms for 128x32x32x64 -> 128 at stride 2;
 - maps smaller than the kernel: one im2col product forward, per-tap products for the input gradient
   (267 -> 3.6 ms for 32x2x2x512 -> 512);
 - thin stride-1 convs (C_in x C_out < 256) forward and input gradient as sums of shifted windows times kernel
@@ -190,6 +191,15 @@ def _conv_favours_im2col(in_features: int, kernel_shape: Sequence[int], strides:
     return strides == (1, 1) and kernel_shape[0] * kernel_shape[1] > 1 and in_features <= _IM2COL_MAX_FEATURES
 
 
+def _strided_conv_favours_im2col(kernel_shape: Sequence[int], strides: tuple[int, int]) -> bool:
+    """Strided spatial convs with at most 64 input channels that are not thin, forward only (jax < 0.11): a
+    chunked im2col product runs 128x32x32x64 -> 128 3x3 stride 2 in 38 ms against XLA:CPU's 77 (jax 0.12's own
+    conv: 27). The 7x7 stem (3 channels, thin) stays XLA's, which is as fast or faster there (8 / 145 ms against
+    8 / 180 at 32x64x64 and 32x224x224)."""
+    return (strides != (1, 1) and kernel_shape[0] * kernel_shape[1] > 1
+            and kernel_shape[2] <= _IM2COL_MAX_FEATURES and not _small_channels(kernel_shape))
+
+
 def _winograd_fits(kernel_shape: Sequence[int], strides: tuple[int, int], dilation: tuple[int, int]) -> bool:
     """3x3 stride-1 undilated convs that are not thin: :func:`chunked_winograd_conv` on CPU."""
     return (tuple(kernel_shape[:2]) == (3, 3) and strides == (1, 1) and dilation == (1, 1)
@@ -240,7 +250,8 @@ def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding:
         replacement = lambda a, b: im2col_conv(a, b, strides, padding, dilation).astype(out_dtype)  # noqa: E731
     elif _winograd_fits(kernel.shape, strides, dilation):
         replacement = lambda a, b: chunked_winograd_conv(a, b, padding).astype(out_dtype)  # noqa: E731
-    elif _conv_favours_im2col(kernel.shape[2], kernel.shape, strides):
+    elif (_conv_favours_im2col(kernel.shape[2], kernel.shape, strides)
+          or _strided_conv_favours_im2col(kernel.shape, strides)):
         replacement = lambda a, b: chunked_im2col_conv(a, b, strides, padding, dilation).astype(out_dtype)  # noqa: E731
     else:
         return xla_conv(x, kernel, strides, padding, dilation, precision)
