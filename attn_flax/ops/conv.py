@@ -187,18 +187,13 @@ def _map_over_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: 
     return y if full * chunk == batch else jnp.concatenate([y, fn(x[full * chunk:])])
 
 
-def _conv_favours_im2col(in_features: int, kernel_shape: Sequence[int], strides: tuple[int, int]) -> bool:
-    """Stride-1 spatial convs with few input channels, where XLA:CPU's convolution is slowest (see above)."""
-    return strides == (1, 1) and kernel_shape[0] * kernel_shape[1] > 1 and in_features <= _IM2COL_MAX_FEATURES
-
-
-def _strided_conv_favours_im2col(kernel_shape: Sequence[int], strides: tuple[int, int]) -> bool:
-    """Strided spatial convs with at most 64 input channels that are not thin, forward only (jax < 0.11): a
-    chunked im2col product runs 128x32x32x64 -> 128 3x3 stride 2 in 38 ms against XLA:CPU's 77 (jax 0.12's own
-    conv: 27). The 7x7 stem (3 channels, thin) stays XLA's, which is as fast or faster there (8 / 145 ms against
-    8 / 180 at 32x64x64 and 32x224x224)."""
-    return (strides != (1, 1) and kernel_shape[0] * kernel_shape[1] > 1
-            and kernel_shape[2] <= _IM2COL_MAX_FEATURES and not _small_channels(kernel_shape))
+def _conv_favours_im2col(in_features: int, kernel_shape: Sequence[int]) -> bool:
+    """Spatial convs with few input channels that are not thin, where XLA:CPU's convolution is slowest (see above):
+    140 -> 73 ms for 128x32x32x64 -> 64 3x3, 77 -> 38 at stride 2 to 128 (jax 0.12's own strided conv: 27). Thin
+    convs have their own paths; the 7x7 stem (3 channels) is one, and XLA is as fast or faster there (8 / 145 ms
+    against im2col's 8 / 180 at 32x64x64 and 32x224x224)."""
+    return (kernel_shape[0] * kernel_shape[1] > 1 and in_features <= _IM2COL_MAX_FEATURES
+            and not _small_channels(kernel_shape))
 
 
 def _winograd_fits(kernel_shape: Sequence[int], strides: tuple[int, int], dilation: tuple[int, int]) -> bool:
@@ -241,7 +236,7 @@ def _out_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tup
 def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs, dilation: tuple[int, int],
              precision: Any, impl: str) -> jax.Array:
     """XLA's conv, except on CPU ('auto') or everywhere ('matmul'): thin stride-1 convs as :func:`shifted_conv`,
-    convs on maps smaller than the kernel as :func:`im2col_conv`, narrow stride-1 convs (jax < 0.11) as
+    convs on maps smaller than the kernel as :func:`im2col_conv`, other narrow convs (jax < 0.11) as
     :func:`chunked_im2col_conv`."""
     out_dtype = jnp.result_type(x, kernel)
     if _thin(kernel.shape, strides):
@@ -251,8 +246,7 @@ def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding:
         replacement = lambda a, b: im2col_conv(a, b, strides, padding, dilation).astype(out_dtype)  # noqa: E731
     elif _winograd_fits(kernel.shape, strides, dilation):
         replacement = lambda a, b: chunked_winograd_conv(a, b, padding).astype(out_dtype)  # noqa: E731
-    elif (_conv_favours_im2col(kernel.shape[2], kernel.shape, strides)
-          or _strided_conv_favours_im2col(kernel.shape, strides)):
+    elif _conv_favours_im2col(kernel.shape[2], kernel.shape):
         replacement = lambda a, b: chunked_im2col_conv(a, b, strides, padding, dilation).astype(out_dtype)  # noqa: E731
     else:
         return xla_conv(x, kernel, strides, padding, dilation, precision)
@@ -378,7 +372,7 @@ def _matmul_grads(x: jax.Array, kernel: jax.Array, g: jax.Array, strides: tuple[
     use_mm_dx = (_small_channels(kernel.shape) or strides != (1, 1)
                  or _smaller_than_kernel(x.shape, g.shape, kernel.shape, dilation)
                  or _winograd_fits(kernel.shape, strides, dilation)
-                 or _conv_favours_im2col(kernel.shape[3], kernel.shape, strides))
+                 or _conv_favours_im2col(kernel.shape[3], kernel.shape))
     if not (use_mm_dw and use_mm_dx):
         xla_dx, xla_dw = _xla_grads(x, kernel, g, strides, padding, dilation, precision)
     winograd_fits = (_winograd_fits(kernel.shape, strides, dilation)
@@ -394,7 +388,7 @@ def _matmul_grads(x: jax.Array, kernel: jax.Array, g: jax.Array, strides: tuple[
     elif winograd_fits:
         flipped, pads = _input_grad_as_conv(kernel, x.shape, g.shape, padding, dilation)
         dx = chunked_winograd_conv(g, flipped, pads)
-    elif _conv_favours_im2col(kernel.shape[3], kernel.shape, strides) and not _small_channels(kernel.shape):
+    elif strides == (1, 1) and _conv_favours_im2col(kernel.shape[3], kernel.shape):
         flipped, pads = _input_grad_as_conv(kernel, x.shape, g.shape, padding, dilation)
         dx = chunked_im2col_conv(g, flipped, (1, 1), pads, dilation)
     elif _thin(kernel.shape, strides):
