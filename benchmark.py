@@ -15,7 +15,10 @@ native path, i.e. the behaviour of ``nn.Conv``); ``--vs-torch`` adds the same ar
 with the same optimiser and ``torch.set_num_threads`` set to the JAX process's core count; when JAX runs on a
 GPU, PyTorch runs on CUDA too, channels-last (NHWC, as XLA lays out GPU convolutions), synchronised after each
 step. Step times are measured round-robin, an untimed and a timed step of each variant in turn, so that load from
-other processes on the machine affects every variant alike; the median over ``--steps`` is reported.
+other processes on the machine affects every variant alike; the median over ``--steps`` is reported. With
+``none`` among several attentions, each other attention's step-time overhead over it, and with ``--vs-torch``
+each Flax variant's ratio to PyTorch, also come as the quartiles of the per-round ratios ("paired"): on a noisy
+machine they say whether a difference of a few percent is real.
 
 FLOPs come from XLA's cost analysis of the eval forward pass at batch 1 (a multiply-add counts 2; MACs are
 half). Peak memory is the process's peak resident set size (CPU has no allocator statistics), so it covers
@@ -189,6 +192,19 @@ def time_round_robin(runners: list[Any], steps: int) -> None:
             r.times.append(r.step())
 
 
+def paired_ratios(times: list[float], reference: list[float]) -> dict:
+    """Median and quartiles of the per-round ratios ``times[i] / reference[i]``.
+
+    Round-robin timing pairs the i-th step of every variant in time, so a slow moment of the machine slows both
+    members of a pair; the spread of the paired ratios says whether a difference of a few percent is real (the
+    quartiles exclude 1.0) or inside the noise, which the ratio of two medians cannot say.
+    """
+    if len(times) != len(reference) or not times:
+        raise ValueError(f"paired_ratios needs equally many steps, got {len(times)} and {len(reference)}")
+    q25, median, q75 = np.percentile(np.asarray(times) / np.asarray(reference), [25, 50, 75])
+    return {"median": float(median), "q25": float(q25), "q75": float(q75)}
+
+
 def forward_flops(model: Any, variables: dict, image_size: int) -> float:
     """FLOPs of one image's eval forward pass (a multiply-add counts 2), from XLA:CPU's cost analysis.
 
@@ -243,12 +259,15 @@ def run(args: argparse.Namespace) -> dict:
     images, labels = make_batch(args.batch_size, args.image_size, args.num_classes)
     several = len(args.attentions) > 1
     runners: list[Any] = []
+    variants: list[tuple[str, str]] = []  # (attention, conv impl or 'torch') of each runner
     for attention in args.attentions:
         label = f"{attention}," if several else ""
         model, variables = _build(args, attention)
         runners += [FlaxRunner(model, variables, impl, images, labels, label) for impl in args.convs]
+        variants += [(attention, impl) for impl in args.convs]
         if args.vs_torch:
             runners.append(TorchRunner(args, attention, images, labels, os.cpu_count() or 1, label))
+            variants.append((attention, "torch"))
     model, variables = _build(args, args.attentions[0])
     flops = forward_flops(model, variables, args.image_size)
     time_round_robin(runners, args.steps)
@@ -265,18 +284,23 @@ def run(args: argparse.Namespace) -> dict:
         "steps": args.steps, "step_ms": step_ms, "step_ms_min": step_ms_min,
         "compile_s_by_conv": {r.name: r.compile_s for r in runners if isinstance(r, FlaxRunner)},
     }
+    by_variant = {variant: r for r, variant in zip(runners, variants)}
+    if several and "none" in args.attentions:
+        result["overhead_vs_none"] = {
+            r.name: {k: v - 1 for k, v in paired_ratios(r.times, by_variant[("none", kind)].times).items()}
+            for r, (attention, kind) in zip(runners, variants) if attention != "none"}
     if args.vs_torch:
         import torch
 
         result["torch"] = torch.__version__
         result["torch_device"] = torch_device(torch)
         result["torch_params"] = next(r.params for r in runners if isinstance(r, TorchRunner))
-        result["ratio_vs_torch"] = {}
-        for attention in args.attentions:
-            label = f"{attention}," if several else ""
-            torch_ms = step_ms[f"torch[{attention}]" if several else "torch"]
-            result["ratio_vs_torch"].update({f"flax[{label}{impl}]": step_ms[f"flax[{label}{impl}]"] / torch_ms
-                                             for impl in args.convs})
+        result["ratio_vs_torch"], result["paired_ratio_vs_torch"] = {}, {}
+        for r, (attention, kind) in zip(runners, variants):
+            if kind != "torch":
+                torch_runner = by_variant[(attention, "torch")]
+                result["ratio_vs_torch"][r.name] = step_ms[r.name] / step_ms[torch_runner.name]
+                result["paired_ratio_vs_torch"][r.name] = paired_ratios(r.times, torch_runner.times)
     return result
 
 
@@ -295,9 +319,16 @@ def format_text(result: dict) -> str:
     if "torch" in result:
         lines.insert(-1, f"  torch             {result['torch']} on {result['torch_device']}")
     for name, ms in result["step_ms"].items():
-        ratio = result.get("ratio_vs_torch", {}).get(name)
-        lines.append(f"    {name:<20} {ms:9.1f} ms (min {result['step_ms_min'][name]:7.1f})"
-                     + (f"   {ratio:.2f}x torch" if ratio is not None else ""))
+        line = f"    {name:<20} {ms:9.1f} ms (min {result['step_ms_min'][name]:7.1f})"
+        if name in result.get("ratio_vs_torch", {}):
+            paired = result["paired_ratio_vs_torch"][name]
+            line += f"   {result['ratio_vs_torch'][name]:.2f}x torch (paired {paired['q25']:.2f}-{paired['q75']:.2f})"
+        if name in result.get("overhead_vs_none", {}):
+            paired = result["overhead_vs_none"][name]
+            line += f"   {100 * paired['median']:+.1f}% vs none ({100 * paired['q25']:+.1f} to {100 * paired['q75']:+.1f})"
+        lines.append(line)
+    if "overhead_vs_none" in result or "paired_ratio_vs_torch" in result:
+        lines.append("  (paired: quartiles of the per-round ratios; an interval that contains 1.0x or 0% is noise)")
     return "\n".join(lines)
 
 
