@@ -324,8 +324,8 @@ def format_text(result: dict) -> str:
             paired = result["paired_ratio_vs_torch"][name]
             line += f"   {result['ratio_vs_torch'][name]:.2f}x torch (paired {paired['q25']:.2f}-{paired['q75']:.2f})"
         if name in result.get("overhead_vs_none", {}):
-            paired = result["overhead_vs_none"][name]
-            line += f"   {100 * paired['median']:+.1f}% vs none ({100 * paired['q25']:+.1f} to {100 * paired['q75']:+.1f})"
+            pct = {k: 100 * v for k, v in result["overhead_vs_none"][name].items()}
+            line += f"   {pct['median']:+.1f}% vs none ({pct['q25']:+.1f} to {pct['q75']:+.1f})"
         lines.append(line)
     if "overhead_vs_none" in result or "paired_ratio_vs_torch" in result:
         lines.append("  (paired: quartiles of the per-round ratios; an interval that contains 1.0x or 0% is noise)")
