@@ -258,16 +258,15 @@ def run(args: argparse.Namespace) -> dict:
     """
     images, labels = make_batch(args.batch_size, args.image_size, args.num_classes)
     several = len(args.attentions) > 1
-    runners: list[Any] = []
-    variants: list[tuple[str, str]] = []  # (attention, conv impl or 'torch') of each runner
+    by_variant: dict[tuple[str, str], Any] = {}  # (attention, conv impl or 'torch') -> runner, in timing order
     for attention in args.attentions:
         label = f"{attention}," if several else ""
         model, variables = _build(args, attention)
-        runners += [FlaxRunner(model, variables, impl, images, labels, label) for impl in args.convs]
-        variants += [(attention, impl) for impl in args.convs]
+        for impl in args.convs:
+            by_variant[(attention, impl)] = FlaxRunner(model, variables, impl, images, labels, label)
         if args.vs_torch:
-            runners.append(TorchRunner(args, attention, images, labels, os.cpu_count() or 1, label))
-            variants.append((attention, "torch"))
+            by_variant[(attention, "torch")] = TorchRunner(args, attention, images, labels, os.cpu_count() or 1, label)
+    runners = list(by_variant.values())
     model, variables = _build(args, args.attentions[0])
     flops = forward_flops(model, variables, args.image_size)
     time_round_robin(runners, args.steps)
@@ -284,11 +283,10 @@ def run(args: argparse.Namespace) -> dict:
         "steps": args.steps, "step_ms": step_ms, "step_ms_min": step_ms_min,
         "compile_s_by_conv": {r.name: r.compile_s for r in runners if isinstance(r, FlaxRunner)},
     }
-    by_variant = {variant: r for r, variant in zip(runners, variants)}
     if several and "none" in args.attentions:
         result["overhead_vs_none"] = {
             r.name: {k: v - 1 for k, v in paired_ratios(r.times, by_variant[("none", kind)].times).items()}
-            for r, (attention, kind) in zip(runners, variants) if attention != "none"}
+            for (attention, kind), r in by_variant.items() if attention != "none"}
     if args.vs_torch:
         import torch
 
@@ -296,7 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         result["torch_device"] = torch_device(torch)
         result["torch_params"] = next(r.params for r in runners if isinstance(r, TorchRunner))
         result["ratio_vs_torch"], result["paired_ratio_vs_torch"] = {}, {}
-        for r, (attention, kind) in zip(runners, variants):
+        for (attention, kind), r in by_variant.items():
             if kind != "torch":
                 torch_runner = by_variant[(attention, "torch")]
                 result["ratio_vs_torch"][r.name] = step_ms[r.name] / step_ms[torch_runner.name]
