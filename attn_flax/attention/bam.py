@@ -25,7 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from attn_flax.attention import initializers
+from attn_flax.attention import initializers, pooling
 from attn_flax.attention.cbam import hidden_width
 
 COMBINES = ("sum", "product")
@@ -44,7 +44,7 @@ class BAMChannelGate(nn.Module):
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, kernel_init=initializers.torch_default_uniform, bias_init=initializers.zeros,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+        pooled = pooling.mean(x, (1, 2))
         hidden = dense(hidden_width(channels, self.reduction), "fc_0")(pooled)
         hidden = nn.relu(_batch_norm(self, "bn_0", train)(hidden))
         return dense(channels, "fc_final")(hidden)[:, None, None, :]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attn_flax import ops
-from attn_flax.attention import initializers
+from attn_flax.attention import initializers, pooling
 from attn_flax.attention.pooling import POOL_TYPES, global_pool, reduce_max
 
 ORDERS = ("channel_first", "spatial_first", "parallel")
@@ -72,7 +72,7 @@ class SpatialGate(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         pooled = jnp.concatenate(
             [reduce_max(x, -1, True),
-             jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True).astype(x.dtype)], axis=-1)
+             pooling.mean(x, -1, keepdims=True)], axis=-1)
         logits = ops.Conv(1, (self.kernel_size, self.kernel_size), padding=self.kernel_size // 2,
                           use_bias=not self.norm, kernel_init=initializers.conv_kaiming_fan_out,
                           bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,

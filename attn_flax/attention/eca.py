@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
-from attn_flax.attention import initializers
+from attn_flax.attention import initializers, pooling
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -48,7 +48,7 @@ class ECA(nn.Module):
         del train
         channels = x.shape[-1]
         k = self.kernel_size or adaptive_kernel_size(channels, self.gamma, self.b)
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+        pooled = pooling.mean(x, (1, 2))
         logits = nn.Conv(1, (k,), padding=k // 2, use_bias=False,
                          kernel_init=initializers.torch_default_uniform, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="conv")(pooled[:, :, None])

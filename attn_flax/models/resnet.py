@@ -24,7 +24,7 @@ and never knows which module it holds. Parameter names (the checkpoint format, s
 downsample_bn,attention}``, ``stage{s}_attention`` and ``head``, with stages numbered from 1 and blocks from 0.
 
 Under ``dtype=jnp.bfloat16`` every layer computes in bfloat16 while parameters stay in ``param_dtype``
-(float32); pooled reductions run in float32 and the logits are returned in float32.
+(float32); pooled reductions run in float32 and the logits are returned in float32 (float64 for a float64 model).
 """
 import functools
 from typing import Any, Callable, ClassVar, Optional, Sequence
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attn_flax import ops
-from attn_flax.attention import initializers
+from attn_flax.attention import initializers, pooling
 from attn_flax.attention.registry import AttentionFactory
 
 ModuleDef = Any
@@ -193,11 +193,11 @@ class ResNet(nn.Module):
             if stage_attention is not None and s < len(self.stage_sizes):
                 x = stage_attention(name=f"stage{s}_attention")(x, train=train)
 
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        pooled = pooling.mean(x, (1, 2))
         logits = nn.Dense(self.num_classes, kernel_init=initializers.dense_kaiming_fan_in,
                           bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
                           name="head")(pooled)
-        return logits.astype(jnp.float32)
+        return logits.astype(pooling.accumulation_dtype(logits.dtype))
 
     def _attention_factories(self) -> tuple[Optional[Callable[..., nn.Module]], Optional[Callable[..., nn.Module]]]:
         if self.attention is None:
