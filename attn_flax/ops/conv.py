@@ -16,7 +16,7 @@ so on CPU this module computes (measured per pass on 2 cores, XLA's time first):
   output scale. Forward and input gradient (itself a stride-1 3x3 conv of the cotangent with the flipped
   kernel): 103 -> 45 ms at 128x32x32x64 -> 64 and 71 -> 37 at 128x8x8x256 -> 256 on jax 0.10 (jax 0.12: 53 -> 41,
   58 -> 35); weight gradient, against the im2col product below: 93 -> 83 and 63 -> 34 ms;
-- other weight gradients as the im2col product above, summed in float32 over batch chunks of about 2,048
+- other weight gradients as the im2col product above, summed in float32 (float64 for float64 inputs) over batch chunks of about 2,048
   rows (a ``lax.scan``) so each chunk's columns stay in cache: 1,188 -> 82 ms for 128x32x32x64 -> 64 3x3;
 - on jax < 0.11, the forward pass and the stride-1 input gradient of other spatial convs with at most 64 input
   channels (BAM's dilated 3x3, ResNet-18's first stride-2 3x3) as chunked im2col products: 140 -> 73 ms at the
@@ -46,6 +46,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from attn_flax.ops import winograd
+from attn_flax.ops.dtypes import accumulation_dtype
 
 IMPLS = ("auto", "xla", "matmul")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -107,13 +108,14 @@ def xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding:
 
 
 def shifted_conv(x: jax.Array, kernel: jax.Array, padding: Pairs, dilation: tuple[int, int]) -> jax.Array:
-    """A stride-1 conv as a sum over taps and input channels of shifted windows times a kernel row, in float32.
+    """A stride-1 conv as a sum over taps and input channels of shifted windows times a kernel row, in float32 (float64 for float64 inputs).
 
     XLA fuses it into one elementwise loop over the output; for thin convs (CBAM's 7x7 2 -> 1) that runs at memory
     speed, where XLA:CPU's convolution emitter reaches about 0.3 GFLOP/s.
     """
-    x = pad_spatial(x, padding).astype(jnp.float32)
-    kernel = kernel.astype(jnp.float32)
+    wide = accumulation_dtype(x.dtype, kernel.dtype)
+    x = pad_spatial(x, padding).astype(wide)
+    kernel = kernel.astype(wide)
     out_hw = tuple(output_size(x.shape[1 + a], kernel.shape[a], 1, dilation[a], (0, 0)) for a in range(2))
     terms = []
     for i in range(kernel.shape[0]):
@@ -154,7 +156,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], paddi
     out_hw = _out_shape(x.shape, kernel.shape, strides, padding, dilation)[1:3]
     columns = _columns(pad_spatial(x, padding), kernel.shape[:2], out_hw, strides, dilation)
     y = lax.dot_general(columns, kernel.reshape(-1, kernel.shape[-1]), (((1,), (0,)), ((), ())),
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=accumulation_dtype(columns.dtype, kernel.dtype))
     return y.reshape(x.shape[:1] + out_hw + kernel.shape[-1:])
 
 
@@ -284,10 +286,10 @@ def place_tap(values: jax.Array, tap: tuple[int, int], padded_hw: Sequence[int],
 
 def _chunk_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
                        padding: Pairs, dilation: tuple[int, int]) -> jax.Array:
-    """The transposed weight gradient [C_out, KH*KW*C_in] (float32) of one batch chunk: ``g^T`` times its im2col."""
+    """The transposed weight gradient [C_out, KH*KW*C_in] (float32, or float64) of one batch chunk: ``g^T`` times its im2col."""
     columns = _columns(pad_spatial(x, padding), kernel_hw, g.shape[1:3], strides, dilation)
     return lax.dot_general(g.reshape(-1, g.shape[-1]), columns, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=accumulation_dtype(g.dtype, columns.dtype))
 
 
 def chunk_size(batch: int, out_hw: tuple[int, int], target_rows: int = _TARGET_CHUNK_ROWS) -> int:
@@ -297,7 +299,7 @@ def chunk_size(batch: int, out_hw: tuple[int, int], target_rows: int = _TARGET_C
 
 def matmul_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
                        padding: Pairs, dilation: tuple[int, int], chunk: Optional[int] = None) -> jax.Array:
-    """The weight gradient as ``g^T im2col(x)`` products, summed in float32 over batch chunks with a ``lax.scan``."""
+    """The weight gradient as ``g^T im2col(x)`` products, summed in the accumulation dtype over batch chunks with a ``lax.scan``."""
     grad = functools.partial(_chunk_weight_grad, kernel_hw=kernel_hw, strides=strides, padding=padding,
                              dilation=dilation)
     total = _sum_over_chunks(grad, x, g, chunk or chunk_size(x.shape[0], g.shape[1:3]))
@@ -306,7 +308,7 @@ def matmul_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], s
 
 def winograd_weight_grad(x: jax.Array, g: jax.Array, padding: Pairs, chunk: Optional[int] = None) -> jax.Array:
     """The weight gradient of a 3x3 stride-1 conv by Winograd (:mod:`attn_flax.ops.winograd`), the transformed
-    gradients summed in float32 over batch chunks before the one transform back."""
+    gradients summed in the accumulation dtype over batch chunks before the one transform back."""
     grad = functools.partial(winograd.transformed_weight_grad, padding=padding)
     total = _sum_over_chunks(grad, x, g, chunk or chunk_size(x.shape[0], g.shape[1:3], _WINOGRAD_CHUNK_ROWS))
     return winograd.untransform_weight_grad(total)
@@ -345,7 +347,7 @@ def matmul_input_grad(g: jax.Array, kernel: jax.Array, in_shape: Sequence[int], 
     for i in range(kernel.shape[0]):
         for j in range(kernel.shape[1]):
             rows = lax.dot_general(g_rows, kernel[i, j], (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+                                   preferred_element_type=accumulation_dtype(g_rows.dtype, kernel.dtype))
             placed = place_tap(rows.reshape(g.shape[:3] + (kernel.shape[2],)), (i, j), padded_hw, strides, dilation)
             total = placed if total is None else total + placed
     return pad_spatial(total, padding, sign=-1).astype(g.dtype)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attn_flax.ops.dtypes import accumulation_dtype
+
 # F(2x2, 3x3): input transform B^T (4x4), kernel transform G (4x3), output transform A^T (2x4).
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
@@ -47,9 +49,9 @@ def _sandwich(matrix: np.ndarray, grid: Sequence[Sequence[jax.Array]]) -> list[l
 
 
 def kernel_transform(kernel: jax.Array) -> list[list[jax.Array]]:
-    """U[a][b] = (G w G^T)[a, b] per (C_in, C_out) pair, each [C_in, C_out] float32, as elementwise sums (an
+    """U[a][b] = (G w G^T)[a, b] per (C_in, C_out) pair, each [C_in, C_out] in the accumulation dtype, as elementwise sums (an
     einsum here is a [16*C_in*C_out, 3] matrix product: 29 ms for 512 -> 512, against 1 ms)."""
-    w = kernel.astype(jnp.float32)
+    w = kernel.astype(accumulation_dtype(kernel.dtype))
     return _sandwich(_G, [[w[i, j] for j in range(3)] for i in range(3)])
 
 
@@ -76,7 +78,7 @@ def _tiles(out_hw: Sequence[int]) -> tuple[int, int]:
 
 
 def winograd_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """A 3x3, stride-1, undilated NHWC x HWIO convolution with (low, high) ``padding``, in float32."""
+    """A 3x3, stride-1, undilated NHWC x HWIO convolution with (low, high) ``padding``, in float32 (float64 for float64 inputs)."""
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_conv takes 3x3 kernels, got {kernel.shape[:2]}")
     return transformed_conv(x, kernel_transform(kernel), padding)
@@ -92,25 +94,26 @@ def transformed_conv(x: jax.Array, u: list[list[jax.Array]],
     v = input_transform(x_padded, tiles_hw)
     n, c_in, c_out = x.shape[0], u[0][0].shape[0], u[0][0].shape[1]
     m = [[jnp.dot(v[a][b].reshape(-1, c_in), u[a][b], precision=lax.Precision.HIGHEST,
-                  preferred_element_type=jnp.float32).reshape((n,) + tiles_hw + (c_out,))
+                  preferred_element_type=accumulation_dtype(v[a][b].dtype, u[a][b].dtype)).reshape((n,) + tiles_hw + (c_out,))
           for b in range(_INPUT_TILE)] for a in range(_INPUT_TILE)]
     return output_transform(m)[:, :out_hw[0], :out_hw[1]]
 
 
 def _padded_for_tiles(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]
                       ) -> tuple[jax.Array, tuple[int, int], tuple[int, int]]:
-    """The float32 input padded so the output is a whole number of 2x2 tiles; the output and tile counts."""
+    """The input, widened to the accumulation dtype, padded so the output is a whole number of 2x2 tiles; the output and tile counts."""
     out_hw = tuple(x.shape[1 + a] + padding[a][0] + padding[a][1] - 2 for a in range(2))
     tiles_hw = _tiles(out_hw)
     pads = [(0, 0, 0)] + [(padding[a][0], padding[a][1] + TILE * tiles_hw[a] - out_hw[a], 0)
                           for a in range(2)] + [(0, 0, 0)]
-    return lax.pad(x.astype(jnp.float32), jnp.zeros((), jnp.float32), pads), out_hw, tiles_hw
+    wide = accumulation_dtype(x.dtype)
+    return lax.pad(x.astype(wide), jnp.zeros((), wide), pads), out_hw, tiles_hw
 
 
 def transformed_weight_grad(x: jax.Array, g: jax.Array,
                             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """The kernel gradient of :func:`winograd_conv` for output cotangent ``g`` in the transformed domain,
-    [16, C_in, C_out] float32, so batch chunks' parts are summed before one :func:`untransform_weight_grad`.
+    [16, C_in, C_out] in the accumulation dtype (float32 or float64), so batch chunks' parts are summed before one :func:`untransform_weight_grad`.
 
     Transposing the forward pass: dM = A g A^T per output tile (the 2x2 cotangent tile spread over 4x4),
     dU[a, b] = V[a, b]^T dM[a, b] (16 products over tiles, 2.25x fewer multiplies than ``g^T im2col(x)``), and
@@ -118,14 +121,15 @@ def transformed_weight_grad(x: jax.Array, g: jax.Array,
     """
     x_padded, out_hw, tiles_hw = _padded_for_tiles(x, padding)
     v = input_transform(x_padded, tiles_hw)
-    g = lax.pad(g.astype(jnp.float32), jnp.zeros((), jnp.float32),
+    wide = accumulation_dtype(g.dtype)
+    g = lax.pad(g.astype(wide), jnp.zeros((), wide),
                 [(0, 0, 0)] + [(0, TILE * tiles_hw[a] - out_hw[a], 0) for a in range(2)] + [(0, 0, 0)])
     g_tiles = [[g[:, r::TILE, s::TILE] for s in range(TILE)] for r in range(TILE)]
     dm = _sandwich(_AT.T, g_tiles)
     c_in, c_out = x.shape[-1], g.shape[-1]
     return jnp.stack([lax.dot_general(v[a][b].reshape(-1, c_in), dm[a][b].reshape(-1, c_out),
                                       (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                                      preferred_element_type=jnp.float32)
+                                      preferred_element_type=accumulation_dtype(v[a][b].dtype, dm[a][b].dtype))
                       for a in range(_INPUT_TILE) for b in range(_INPUT_TILE)])
 
 
