@@ -112,7 +112,7 @@ def _as_numpy(value: Any) -> np.ndarray:
     """A NumPy array from a NumPy array or a torch tensor (any device; half precisions widened to float32)."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
-        value = (value.float() if value.is_floating_point() else value).numpy()
+        value = (value.float() if value.is_floating_point() and value.element_size() < 4 else value).numpy()
     return np.asarray(value)
 
 

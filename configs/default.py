@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.stage_sizes = (1, 1, 1, 1)
     config.zero_init_last_bn = False
     config.half_precision = False
+    config.bn_group_size = config_dict.placeholder(int)  # examples per BatchNorm statistic; None: the global batch
 
     config.dataset = "attn_flax_shapes"
     config.data_dir = config_dict.placeholder(str)

@@ -20,11 +20,12 @@ Initialisation as the official ResNet's name-based init: convs Kaiming-normal fa
 MLP weights PyTorch-default uniform. BatchNorm momentum 0.9 in Flax terms (PyTorch's default 0.1), eps 1e-5.
 The map M is sown into ``intermediates`` as ``attention`` and its channel mean as ``spatial_attention``.
 """
-from typing import Any
+from typing import Any, Optional
 
 import jax.numpy as jnp
 from flax import linen as nn
 
+from attn_flax import ops
 from attn_flax.attention import initializers, pooling
 from attn_flax.attention.cbam import hidden_width
 
@@ -35,6 +36,7 @@ class BAMChannelGate(nn.Module):
     """M_c: global average pool -> FC -> BN -> ReLU -> FC. Returns logits [N, 1, 1, C] (no sigmoid)."""
 
     reduction: int = 16
+    bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -56,6 +58,7 @@ class BAMSpatialGate(nn.Module):
     reduction: int = 16
     dilation: int = 4
     num_dilated_convs: int = 2
+    bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -82,12 +85,14 @@ class BAM(nn.Module):
       dilation: dilation d of the spatial branch's 3x3 convs (paper: 4).
       num_dilated_convs: number of dilated 3x3 convs in the spatial branch (paper: 2).
       combine: 'sum' (paper, default) or 'product' (official code; needed for its released weights).
+      bn_group_size: examples per BatchNorm statistic in training (None: the whole batch); see ``ops.BatchNorm``.
     """
 
     reduction: int = 16
     dilation: int = 4
     num_dilated_convs: int = 2
     combine: str = "sum"
+    bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -101,10 +106,10 @@ class BAM(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        channel = BAMChannelGate(self.reduction, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name="channel")(x, train=train)
-        spatial = BAMSpatialGate(self.reduction, self.dilation, self.num_dilated_convs, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="spatial")(x, train=train)
+        channel = BAMChannelGate(self.reduction, self.bn_group_size, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="channel")(x, train=train)
+        spatial = BAMSpatialGate(self.reduction, self.dilation, self.num_dilated_convs, self.bn_group_size,
+                                 dtype=self.dtype, param_dtype=self.param_dtype, name="spatial")(x, train=train)
         logits = channel + spatial if self.combine == "sum" else channel * spatial
         attention = nn.sigmoid(logits)
         self.sow("intermediates", "attention", attention)
@@ -112,6 +117,7 @@ class BAM(nn.Module):
         return x * (1 + attention)
 
 
-def _batch_norm(module: nn.Module, name: str, train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=module.dtype,
-                        param_dtype=module.param_dtype, name=name, parent=module)
+def _batch_norm(module: nn.Module, name: str, train: bool) -> ops.BatchNorm:
+    return ops.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         group_size=module.bn_group_size, dtype=module.dtype, param_dtype=module.param_dtype,
+                         name=name, parent=module)

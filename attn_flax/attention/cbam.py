@@ -22,7 +22,7 @@ fan-out, and the spatial BN scale 0 so that every spatial gate starts at sigmoid
 The gates are sown into the ``intermediates`` collection (``channel_attention`` [N, 1, 1, C] and
 ``spatial_attention`` [N, H, W, 1]) for visualisation.
 """
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -65,6 +65,7 @@ class SpatialGate(nn.Module):
 
     kernel_size: int = 7
     norm: bool = True
+    bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -78,9 +79,9 @@ class SpatialGate(nn.Module):
                           bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
                           name="conv")(pooled)
         if self.norm:
-            logits = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-5,
-                                  scale_init=initializers.zeros, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name="bn")(logits)
+            logits = ops.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-5,
+                                   group_size=self.bn_group_size, scale_init=initializers.zeros,
+                                   dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(logits)
         return nn.sigmoid(logits)
 
 
@@ -95,6 +96,7 @@ class CBAM(nn.Module):
       spatial: False gives the channel gate alone (the official ``no_spatial``).
       spatial_norm: BatchNorm after the 7x7 conv (official code: True; the paper does not mention it). Without
         it the conv has a bias, initialised to 0.
+      bn_group_size: examples per BatchNorm statistic in training (None: the whole batch); see ``ops.BatchNorm``.
     """
 
     reduction: int = 16
@@ -103,6 +105,7 @@ class CBAM(nn.Module):
     order: str = "channel_first"
     spatial: bool = True
     spatial_norm: bool = True
+    bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -123,7 +126,7 @@ class CBAM(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         channel_gate = ChannelGate(self.reduction, tuple(self.pool_types), dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="ChannelGate")
-        spatial_gate = SpatialGate(self.kernel_size, self.spatial_norm, dtype=self.dtype,
+        spatial_gate = SpatialGate(self.kernel_size, self.spatial_norm, self.bn_group_size, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="SpatialGate")
 
         def apply_channel(f):

@@ -85,6 +85,10 @@ class AttentionFactory:
     def placement(self) -> Placement:
         return placement(self.name)
 
+    def takes(self, option: str) -> bool:
+        """Whether the module has the field ``option`` (a network passes ``bn_group_size`` only where it is)."""
+        return option in options(self.name)
+
     def __call__(self, **network_options: Any) -> nn.Module:
         return create(self.name, **{**dict(self.options), **network_options})
 

@@ -52,17 +52,19 @@ def attention_factory(attention: Optional[str], **options: Any) -> Optional[atte
 
 
 def create_model(name: str, *, num_classes: int, attention: Optional[str] = None, stem: str = "imagenet",
-                 dtype: Any = jnp.float32, zero_init_last_bn: bool = False, **attention_options: Any) -> ResNet:
+                 dtype: Any = jnp.float32, zero_init_last_bn: bool = False, bn_group_size: Optional[int] = None,
+                 **attention_options: Any) -> ResNet:
     """Builds ``name`` (see :func:`available`) with the named attention in the paper's placement.
 
     ``stem='cifar'`` gives the official CIFAR stem (3x3 conv, no max-pool). ``attention`` is a registered
     name (``attn_flax.attention.available()``) or None/'none'; ``attention_options`` go to that module, e.g.
-    ``combine='product'`` for BAM as the official code computes it.
+    ``combine='product'`` for BAM as the official code computes it. ``bn_group_size`` computes BatchNorm
+    statistics over groups of that many examples in training (None: the whole batch).
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     return _MODELS[name](num_classes=num_classes, stem=stem, dtype=dtype, zero_init_last_bn=zero_init_last_bn,
-                         attention=attention_factory(attention, **attention_options))
+                         bn_group_size=bn_group_size, attention=attention_factory(attention, **attention_options))
 
 
 __all__ = [

@@ -142,9 +142,13 @@ class ResNet(nn.Module):
       groups, width_per_group: grouped/wide Bottleneck variants (ResNeXt, Wide ResNet).
       zero_init_last_bn: start each block's last BN scale at zero.
       dtype: computation dtype of every layer; param_dtype: parameter dtype. Logits are float32.
+      bn_group_size: examples per BatchNorm statistic in training, in the network and in attention modules that
+        take ``bn_group_size`` (None: the whole batch, which under a sharded jit is the global batch).
       conv, norm: the convolution and BatchNorm modules (``nn.Conv``/``nn.BatchNorm`` signatures). The default
         ``attn_flax.ops.Conv`` has ``nn.Conv``'s parameters and forward pass, and on CPU computes its gradients
-        as matrix products, which XLA:CPU runs faster than its own conv gradients.
+        as matrix products, which XLA:CPU runs faster than its own conv gradients. The default
+        ``attn_flax.ops.BatchNorm`` has ``nn.BatchNorm``'s names and forward pass, and updates the running
+        variance with the unbiased batch variance as PyTorch does (``nn.BatchNorm`` stores the biased one).
     """
 
     stage_sizes: Sequence[int]
@@ -158,8 +162,9 @@ class ResNet(nn.Module):
     zero_init_last_bn: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    bn_group_size: Optional[int] = None
     conv: ModuleDef = ops.Conv
-    norm: ModuleDef = nn.BatchNorm
+    norm: ModuleDef = ops.BatchNorm
 
     def __post_init__(self):
         if self.stem not in STEMS:
@@ -176,9 +181,10 @@ class ResNet(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         conv = functools.partial(self.conv, use_bias=False, kernel_init=initializers.conv_kaiming_fan_out,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        groups = {} if self.bn_group_size is None else {"group_size": self.bn_group_size}
         norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  scale_init=initializers.ones, bias_init=initializers.zeros,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+                                 dtype=self.dtype, param_dtype=self.param_dtype, **groups)
         block_attention, stage_attention = self._attention_factories()
 
         x = jnp.asarray(x, self.dtype)
@@ -202,7 +208,9 @@ class ResNet(nn.Module):
     def _attention_factories(self) -> tuple[Optional[Callable[..., nn.Module]], Optional[Callable[..., nn.Module]]]:
         if self.attention is None:
             return None, None
-        bound = functools.partial(self.attention, dtype=self.dtype, param_dtype=self.param_dtype)
+        groups = ({"bn_group_size": self.bn_group_size}
+                  if self.bn_group_size is not None and self.attention.takes("bn_group_size") else {})
+        bound = functools.partial(self.attention, dtype=self.dtype, param_dtype=self.param_dtype, **groups)
         return (bound, None) if self.attention.placement == "block" else (None, bound)
 
 

@@ -44,9 +44,17 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
     """The config's ResNet with its attention; ``widths``/``stage_sizes`` override the depth's defaults."""
     model = models.create_model(config.model, num_classes=num_classes, attention=config.attention,
                                 stem=config.stem, dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
-                                zero_init_last_bn=config.zero_init_last_bn, **attention_options(config))
+                                zero_init_last_bn=config.zero_init_last_bn,
+                                bn_group_size=config.get("bn_group_size"), **attention_options(config))
     overrides = {k: tuple(config[k]) for k in ("widths", "stage_sizes") if config.get(k) is not None}
     return model.clone(**overrides) if overrides else model
+
+
+def _check_bn_group_size(config: ml_collections.ConfigDict) -> None:
+    group, micro_batch = config.get("bn_group_size"), config.batch_size // config.grad_accum_steps
+    if group is not None and (group < 2 or micro_batch % group):
+        raise ValueError(f"bn_group_size {group} must be at least 2 and divide the {micro_batch} examples of each "
+                         "(micro-)batch (batch_size / grad_accum_steps); choose a divisor or leave it unset")
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -79,6 +87,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
         model = build_model(config, info.num_classes)
         mesh = sharding.data_mesh()
         sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
+        _check_bn_group_size(config)
         if config.batch_size % jax.process_count():
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes "
                              f"({jax.process_count()})")

@@ -19,11 +19,12 @@ Metrics = dict[str, jax.Array]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy against one-hot labels smoothed by ``label_smoothing``."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    """Per-example softmax cross-entropy against one-hot labels smoothed by ``label_smoothing``, in at least float32."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=dtype)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return optax.softmax_cross_entropy(logits.astype(dtype), targets)
 
 
 def _split_micro_batches(x: jax.Array, num: int) -> jax.Array:
