@@ -185,13 +185,29 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert code == 1, err[-3000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    match = re.match(r"train\.py: error: .* (?:at|after) step (\d+);", last)
+    match = re.match(r"train\.py: error: .* at step (\d+) \(", last)
     assert match and ("not finite" in last or re.search(r"loss is (nan|inf|-inf)", last)), last
     bad_step = int(match.group(1))
     kept = committed_steps(workdir)
     assert kept and kept[-1] < bad_step, (kept, last)
+    assert f"the checkpoint at step {kept[-1]} is kept" in last and "lower the learning rate (6.25e+03 at that step)" in last, last
     for leaf in jax.tree.leaves(params_at(workdir, kept[-1])):
         assert np.all(np.isfinite(leaf))
+
+
+def test_the_non_finite_message_is_true_without_a_checkpoint_and_at_a_small_learning_rate():
+    from attn_flax.training.state import TrainState
+
+    params = {"stage1_block0": {"conv1": {"kernel": np.ones(3)}, "bn1": {"scale": np.array([1.0, np.nan])}}}
+    state = TrainState(step=np.int32(3), params=params, batch_stats={}, opt_state=(), rng=np.zeros(2, np.uint32))
+    message = str(loop.non_finite_error("the training loss is nan", 3, state, 0.0, None))
+    assert "first non-finite leaf params/stage1_block0/bn1/scale" in message
+    assert "no checkpoint had been saved yet" in message and "kept" not in message
+    assert "lower the learning rate" not in message and "only 0" in message
+    finite = state.replace(params={"head": {"bias": np.zeros(2)}})
+    message = str(loop.non_finite_error("the training loss is inf", 9, finite, 0.4, 8))
+    assert "still finite" in message and "the checkpoint at step 8 is kept" in message
+    assert "lower the learning rate (0.4 at that step)" in message and "\n" not in message
 
 
 def _option_config(tmp_path):

@@ -138,11 +138,29 @@ def _all_finite(state: TrainState) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _check_finite(history: list[tuple[int, dict[str, float]]]) -> None:
-    for step, metrics in history:
-        if not math.isfinite(metrics["train_loss"]):
-            raise NonFiniteLossError(f"training loss is {metrics['train_loss']} at step {step}; the last good "
-                                     "checkpoint is kept: lower the learning rate or check the data")
+SMALL_LEARNING_RATE = 1e-4  # below this a divergence is not the learning rate's doing
+
+
+def first_non_finite_leaf(state: TrainState) -> Optional[str]:
+    """The path of the first parameter or BatchNorm statistic with a NaN or infinity, e.g.
+    ``params/stage1_block0/attention/ChannelGate/fc1/kernel``; None when all are finite."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path({"params": state.params, "batch_stats": state.batch_stats}):
+        if not np.all(np.isfinite(np.asarray(jax.device_get(leaf), np.float32))):
+            return "/".join(str(getattr(key, "key", key)) for key in path)
+    return None
+
+
+def non_finite_error(what: str, step: int, state: TrainState, learning_rate: float,
+                     last_checkpoint: Optional[int]) -> NonFiniteLossError:
+    """One line: what became non-finite and where, which checkpoint survives, and what to look at."""
+    leaf = first_non_finite_leaf(state)
+    where = f"first non-finite leaf {leaf}" if leaf else "every parameter and BatchNorm statistic is still finite"
+    kept = (f"the checkpoint at step {last_checkpoint} is kept and the same command resumes from it"
+            if last_checkpoint is not None else "no checkpoint had been saved yet")
+    advice = (f"lower the learning rate ({learning_rate:.3g} at that step) or check the data"
+              if learning_rate >= SMALL_LEARNING_RATE else
+              f"the learning rate was only {learning_rate:.3g}, so check the data and the model's numerics")
+    return NonFiniteLossError(f"{what} at step {step} ({where}); {kept}; {advice}")
 
 
 def _mean_metrics(history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -230,10 +248,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     timer_start, timer_steps = time.perf_counter(), 0
     compile_seconds: Optional[float] = None
 
+    def last_checkpoint() -> Optional[int]:
+        manager.wait_until_finished()
+        return manager.latest_step()
+
     def drain() -> None:
         history.extend((s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending))
         pending.clear()
-        _check_finite(history)
+        for s, m in history:
+            if not math.isfinite(m["train_loss"]):
+                raise non_finite_error(f"the training loss is {m['train_loss']}", s, state, m["learning_rate"],
+                                       last_checkpoint())
 
     try:
         if _preempted(manager, start_step, sigterm):
@@ -266,8 +291,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
             if step % config.checkpoint_every_steps == 0 or last or stop:
                 drain()
                 if not bool(all_finite(state)):
-                    raise NonFiniteLossError(f"parameters or BatchNorm statistics are not finite after step {step}; "
-                                             "the last good checkpoint is kept: lower the learning rate")
+                    raise non_finite_error("parameters or BatchNorm statistics are not finite", step, state,
+                                           float(run.schedule(step - 1)), last_checkpoint())
                 checkpoints.save(manager, state, _run_meta(run, step))
             if stop:
                 if is_lead:
