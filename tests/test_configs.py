@@ -43,3 +43,19 @@ def test_default_config_is_small_and_offline():
     config = importlib.import_module("configs.default").get_config()
     assert config.dataset == "attn_flax_shapes" and config.attention == "cbam"
     assert loop.num_train_steps(config, 50_000) <= 2_000
+
+
+def test_imagenet_normalises_groups_of_64_as_the_official_runs():
+    config = importlib.import_module("configs.imagenet").get_config("resnet50,bam")
+    assert config.bn_group_size == 64 and loop.build_model(config, 1000).bn_group_size == 64
+    assert importlib.import_module("configs.default").get_config().bn_group_size is None
+
+
+def test_a_bn_group_size_that_does_not_divide_the_batch_fails_in_prepare(data_dir):
+    import tiny_runs
+
+    with pytest.raises(loop.ConfigError, match="bn_group_size 6 must be at least 2 and divide the 16 examples"):
+        loop.prepare(tiny_runs.config(data_dir, bn_group_size=6))
+    with pytest.raises(loop.ConfigError, match="divide the 8 examples of each"):
+        loop.prepare(tiny_runs.config(data_dir, bn_group_size=16, grad_accum_steps=2))
+    assert loop.prepare(tiny_runs.config(data_dir, bn_group_size=8)).model.bn_group_size == 8
