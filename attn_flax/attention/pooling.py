@@ -19,12 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
+from attn_flax.ops.dtypes import accumulation_dtype
+
 POOL_TYPES = ("avg", "max", "lp", "lse")
-
-
-def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """The dtype a reduction over ``dtype`` values runs in: float32 for bfloat16/float16, else ``dtype`` itself."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def mean(x: jnp.ndarray, axis: Union[int, Sequence[int]], keepdims: bool = False) -> jnp.ndarray:

@@ -203,7 +203,7 @@ class ResNet(nn.Module):
         logits = nn.Dense(self.num_classes, kernel_init=initializers.dense_kaiming_fan_in,
                           bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
                           name="head")(pooled)
-        return logits.astype(pooling.accumulation_dtype(logits.dtype))
+        return logits.astype(ops.accumulation_dtype(logits.dtype))
 
     def _attention_factories(self) -> tuple[Optional[Callable[..., nn.Module]], Optional[Callable[..., nn.Module]]]:
         if self.attention is None:

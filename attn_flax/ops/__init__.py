@@ -9,7 +9,9 @@
 """
 from attn_flax.ops.batch_norm import BatchNorm
 from attn_flax.ops.conv import IMPLS, Conv, conv2d, default_impl
+from attn_flax.ops.dtypes import accumulation_dtype
 from attn_flax.ops.host_memory import retain_freed_memory
 from attn_flax.ops.pool import max_pool
 
-__all__ = ["IMPLS", "BatchNorm", "Conv", "conv2d", "default_impl", "max_pool", "retain_freed_memory"]
+__all__ = ["IMPLS", "BatchNorm", "Conv", "accumulation_dtype", "conv2d", "default_impl", "max_pool",
+           "retain_freed_memory"]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from attn_flax import ops
 from attn_flax.training.state import TrainState, step_rng
 
 Batch = dict[str, jax.Array]
@@ -20,7 +21,7 @@ Metrics = dict[str, jax.Array]
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy against one-hot labels smoothed by ``label_smoothing``, in at least float32."""
-    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    dtype = ops.accumulation_dtype(logits.dtype)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=dtype)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
