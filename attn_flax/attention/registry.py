@@ -3,16 +3,32 @@
 A network never imports an attention class. It receives an :class:`AttentionFactory` (from :func:`factory`)
 and asks it for fresh modules; ``factory.placement`` says whether one goes inside every residual block
 (``'block'``: SE, ECA, CBAM) or once after each of the first stages (``'stage'``: BAM at the bottlenecks).
-Users add their own module with :func:`register`; it must accept ``__call__(x, *, train)`` on NHWC input and
-return the same shape.
+
+The contract of an attention module: a ``flax.linen.Module`` subclass whose ``__call__(x, *, train)`` takes NHWC
+input and returns the same shape. Its dataclass fields are its options; a network passes ``dtype``,
+``param_dtype`` and ``bn_group_size`` only to modules that declare them.
+
+Three ways to name one, all accepted wherever a name is (``create_model``, ``--config.attention``):
+
+- a name given to :func:`register` (``'cbam'``);
+- an import path ``'package.module:ClassName'``, imported and registered under that path on first use, placed
+  by the class attribute ``placement: ClassVar[str]`` (``'block'`` when absent);
+- a name an installed package declares in the entry-point group ``attn_flax.attention``
+  (``[project.entry-points."attn_flax.attention"] my_gate = "my_package.gates:MyGate"``).
 """
 import dataclasses
+import importlib
+import importlib.metadata
+import inspect
 from typing import Any, Callable, Literal
 
 from flax import linen as nn
 
 Placement = Literal["block", "stage"]
 PLACEMENTS = ("block", "stage")
+ENTRY_POINT_GROUP = "attn_flax.attention"
+NETWORK_OPTIONS = ("dtype", "param_dtype", "bn_group_size")
+"""Options a network passes to the modules that declare them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,24 +40,69 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
+def _check_contract(name: str, module_cls: Any) -> None:
+    """Raises ValueError unless ``module_cls`` is a Flax module whose ``__call__`` takes ``train`` by keyword."""
+    if not (isinstance(module_cls, type) and issubclass(module_cls, nn.Module)):
+        raise ValueError(f"attention {name!r}: {module_cls!r} is not a flax.linen.Module subclass; register a "
+                         "class such as `class MyGate(nn.Module)` with `__call__(self, x, *, train)`")
+    params = inspect.signature(module_cls.__call__).parameters.values()
+    takes_train = any(p.name == "train" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    if not takes_train and not any(p.kind == p.VAR_KEYWORD for p in params):
+        raise ValueError(f"attention {name!r}: {module_cls.__name__}.__call__ must take the keyword argument "
+                         "`train` (def __call__(self, x, *, train): ...), the network calls it as m(x, train=...)")
+
+
 def register(name: str, module_cls: Callable[..., nn.Module], *, placement: Placement,
              overwrite: bool = False) -> None:
-    """Registers ``module_cls`` under ``name``, placed in every residual block or at stage boundaries."""
+    """Registers ``module_cls`` under ``name``, placed in every residual block or at stage boundaries; checks
+    the contract (a Flax module whose ``__call__`` takes ``train``) here rather than at the first trace."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"attention {name!r} is already registered; pass overwrite=True to replace it")
+    _check_contract(name, module_cls)
     _REGISTRY[name] = _Entry(module_cls, placement)
 
 
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def available() -> tuple[str, ...]:
-    """The registered attention names, sorted."""
-    return tuple(sorted(_REGISTRY))
+    """The registered attention names and those installed packages declare as entry points, sorted."""
+    return tuple(sorted(set(_REGISTRY) | set(_entry_points())))
+
+
+def _register_loaded(name: str, module_cls: Any) -> None:
+    place = getattr(module_cls, "placement", "block")
+    if place not in PLACEMENTS:
+        raise ValueError(f"attention {name!r}: its class attribute placement={place!r} is not one of "
+                         f"{', '.join(PLACEMENTS)}")
+    register(name, module_cls, placement=place)
+
+
+def _import_path(name: str) -> Any:
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"attention {name!r}: cannot import {module_name!r} ({err}); put its folder on "
+                         "PYTHONPATH or install its package") from err
+    if not attribute or not hasattr(module, attribute):
+        raise ValueError(f"attention {name!r}: module {module_name!r} has no attribute {attribute!r}; write "
+                         "'package.module:ClassName'")
+    return getattr(module, attribute)
 
 
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attention {name!r}; valid names: {', '.join(available())}")
+        if ":" in name:
+            _register_loaded(name, _import_path(name))
+        elif name in (points := _entry_points()):
+            _register_loaded(name, points[name].load())
+        else:
+            raise ValueError(f"unknown attention {name!r}; valid names: {', '.join(available())}, or an import "
+                             "path 'package.module:ClassName'")
     return _REGISTRY[name]
 
 
@@ -61,7 +122,8 @@ def _check_options(name: str, given: dict[str, Any]) -> None:
     unknown = sorted(set(given) - set(valid) - {"name", "parent"})
     if unknown:
         raise ValueError(f"attention {name!r} takes no option {', '.join(map(repr, unknown))}; "
-                         f"valid options: {', '.join(valid)}")
+                         + (f"valid options: {', '.join(valid)}" if valid else "it declares no options (dataclass "
+                            "fields)"))
 
 
 def create(name: str, /, **options: Any) -> nn.Module:
@@ -90,7 +152,9 @@ class AttentionFactory:
         return option in options(self.name)
 
     def __call__(self, **network_options: Any) -> nn.Module:
-        return create(self.name, **{**dict(self.options), **network_options})
+        """A fresh module; of :data:`NETWORK_OPTIONS` only those the module declares are passed on."""
+        passed = {k: v for k, v in network_options.items() if k not in NETWORK_OPTIONS or self.takes(k)}
+        return create(self.name, **{**dict(self.options), **passed})
 
 
 def factory(name: str, /, **options: Any) -> AttentionFactory:

@@ -48,7 +48,8 @@ def attention_factory(attention: Optional[str], **options: Any) -> Optional[atte
         if options:
             raise ValueError(f"attention options {sorted(options)} given without an attention module")
         return None
-    return attention_lib.factory(attention.lower(), **options)
+    name = attention if ":" in attention or attention in attention_lib.available() else attention.lower()
+    return attention_lib.factory(name, **options)
 
 
 def create_model(name: str, *, num_classes: int, attention: Optional[str] = None, stem: str = "imagenet",

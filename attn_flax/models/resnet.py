@@ -208,8 +208,7 @@ class ResNet(nn.Module):
     def _attention_factories(self) -> tuple[Optional[Callable[..., nn.Module]], Optional[Callable[..., nn.Module]]]:
         if self.attention is None:
             return None, None
-        groups = ({"bn_group_size": self.bn_group_size}
-                  if self.bn_group_size is not None and self.attention.takes("bn_group_size") else {})
+        groups = {} if self.bn_group_size is None else {"bn_group_size": self.bn_group_size}
         bound = functools.partial(self.attention, dtype=self.dtype, param_dtype=self.param_dtype, **groups)
         return (bound, None) if self.attention.placement == "block" else (None, bound)
 
