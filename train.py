@@ -12,7 +12,7 @@ line. A run killed outright (``kill -9``, a lost machine) resumes from its lates
 import os
 import re
 import sys
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -61,14 +61,50 @@ except (KeyError, AttributeError) as _err:
     unknown_field(_err, sys.argv)
 
 
+def config_spec(argv: list[str]) -> Optional[str]:
+    """The last ``--config=FILE[:ARG]`` (or ``--config FILE[:ARG]``) of the command line, if any."""
+    spec = None
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec
+
+
+def check_config_file(spec: Optional[str]) -> None:
+    """Exits in one line when ``--config`` names no file (ml_collections would log a traceback and go on)."""
+    if spec is None:
+        return
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        known = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+        fail(f"--config={spec}: the config file {path} does not exist"
+             + (f"; {folder} has {', '.join(known)}" if known else "; give the path of a config file"), 2)
+
+
+def innermost(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every command-line mistake reported in one line and exit code 2."""
+    check_config_file(config_spec(argv))
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # the config is loaded lazily: load it here so that its errors are reported as one line
+        return rest
     except flags.Error as err:
         fail(f"{err}; see --helpfull", 2)
     except (KeyError, AttributeError) as err:
         unknown_field(err, argv)
+    except Exception as err:  # noqa: BLE001 - anything the config file raises is the config file's error
+        root = innermost(err)
+        fail(f"--config={config_spec(argv) or 'configs/default.py'}: the config file cannot be loaded "
+             f"({type(root).__name__}: {root})", 2)
 
 
 def cluster_detected() -> bool:
@@ -101,10 +137,12 @@ def main(argv):
         fail("give all of --coordinator_address, --num_processes and --process_id, or none", 2)
     config_error = None
     with stderr_held() as held:
-        from attn_flax.training import checkpoints, loop
+        from attn_flax.training import checkpoints, config_checks, loop
 
         initialize_distributed()
         try:
+            config_checks.check_values(FLAGS.config)
+            loop.check_workdir(FLAGS.config, FLAGS.workdir)
             run = loop.prepare(FLAGS.config)
         except loop.ConfigError as err:
             config_error, held.show = err, False

@@ -9,6 +9,7 @@ BatchNorm statistic stops the run before it is checkpointed (:class:`NonFiniteLo
 """
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -25,13 +26,10 @@ import tqdm
 from flax import linen as nn
 
 from attn_flax import data, evaluation, models
-from attn_flax.training import checkpoints, optim, sharding, steps
-from attn_flax.training.metrics import MetricsWriter
+from attn_flax.training import checkpoints, config_checks, optim, sharding, steps
+from attn_flax.training.config_checks import ConfigError
+from attn_flax.training.metrics import MetricsWriter, read_metrics
 from attn_flax.training.state import TrainState, init_train_state
-
-
-class ConfigError(ValueError):
-    """The config cannot describe a run; the message says what to change."""
 
 
 def attention_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -58,11 +56,10 @@ def _check_bn_group_size(config: ml_collections.ConfigDict) -> None:
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-    """``num_train_steps`` when positive, else ``num_epochs`` worth of global batches (rounded up)."""
+    """``num_train_steps`` when positive, else (-1) ``num_epochs`` worth of global batches (rounded up); the
+    values are checked by :func:`attn_flax.training.config_checks.check_values`."""
     if config.num_train_steps > 0:
         return int(config.num_train_steps)
-    if config.get("num_epochs") is None or config.num_epochs <= 0:
-        raise ConfigError("set num_train_steps > 0 or num_epochs > 0")
     return math.ceil(config.num_epochs * num_train_examples / config.batch_size)
 
 
@@ -82,7 +79,9 @@ class Run:
 
 def prepare(config: ml_collections.ConfigDict) -> Run:
     """Validates the config against the registries, the dataset and the devices; raises ConfigError."""
+    config_checks.check_values(config)
     try:
+        build_model(config, num_classes=2)  # a bad model or attention is reported before the dataset is touched
         info = data.dataset_info(config.dataset, data_dir=config.data_dir)
         model = build_model(config, info.num_classes)
         mesh = sharding.data_mesh()
@@ -114,11 +113,51 @@ def _run_meta(run: Run, step: int) -> dict[str, Any]:
             "batch_size": run.config.batch_size}
 
 
-def _check_resumable(run: Run, meta: dict[str, Any]) -> None:
-    for key in ("seed", "dataset", "batch_size"):
-        if meta.get(key) != run.config[key]:
-            raise ConfigError(f"the checkpoint in this workdir was made with {key}={meta.get(key)!r}, the config "
-                              f"says {run.config[key]!r}; use a new --workdir or the original value")
+RESUME_FIELDS = ("seed", "dataset", "batch_size")
+"""Fields a checkpoint's meta records: they fix the input stream, so a run resumes only with the same values."""
+ARCHITECTURE_FIELDS = ("model", "attention", "attention_options", "stem", "widths", "stage_sizes")
+"""Fields of ``config.json`` that fix the parameters' shapes: a checkpoint restores only into the same ones."""
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value,
+                                 default=list))
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict[str, Any]]:
+    """Whether ``config`` may run in ``workdir``, checked without writing, preparing or compiling anything.
+
+    Returns the meta of the newest checkpoint there (None for a new run). Raises :class:`ConfigError` when the
+    workdir is a file, or when its checkpoint was made with other :data:`RESUME_FIELDS` or, per its
+    ``config.json``, another architecture (:data:`ARCHITECTURE_FIELDS`): such a run cannot continue that one.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory path (it is created "
+                          "if missing)")
+    meta = checkpoints.latest_meta(workdir)
+    if meta is None:
+        return None
+    changed = [(k, meta.get(k), config[k]) for k in RESUME_FIELDS if meta.get(k) != config[k]]
+    saved_config = os.path.join(workdir, "config.json")
+    if os.path.isfile(saved_config):
+        with open(saved_config, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed += [(k, saved.get(k), config.get(k)) for k in ARCHITECTURE_FIELDS
+                    if k in saved and _as_json(saved[k]) != _as_json(config.get(k))]
+    if changed:
+        key, before, now = changed[0]
+        raise ConfigError(f"the checkpoint at step {meta['step']} in {workdir} was made with {key}={before!r}, the "
+                          f"config says {_as_json(now)!r}; use a new --workdir or the original value")
+    return meta
+
+
+def last_eval_metrics(workdir: str) -> dict[str, float]:
+    """The newest eval row of ``WORKDIR/metrics.jsonl`` without its step ({} when there is none)."""
+    try:
+        rows = [r for r in read_metrics(workdir) if "eval_accuracy" in r]
+    except FileNotFoundError:
+        return {}
+    return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
 
 
 def evaluate(run: Run, eval_step, state: TrainState) -> dict[str, float]:
@@ -201,13 +240,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Opt
     """Trains (resuming from ``workdir``'s latest checkpoint if any), evaluates, checkpoints; returns the last
     eval metrics."""
     run = run or prepare(config)
-    with _sigterm_flag() as sigterm:
+    with _sigterm_flag() as sigterm, checkpoints.save_errors_in_one_line():
         return _train_and_evaluate(config, workdir, run, sigterm)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run, sigterm: threading.Event
                         ) -> dict[str, float]:
     is_lead = jax.process_index() == 0
+    previous = check_workdir(config, workdir)
+    if previous is not None and int(previous["step"]) >= run.num_steps:
+        if is_lead:
+            print(f"the run in {workdir} is finished: its checkpoint is at step {previous['step']} and the config "
+                  f"plans {run.num_steps} steps; nothing to do (raise num_train_steps or num_epochs to train on)",
+                  flush=True)
+        return last_eval_metrics(workdir)
     if is_lead:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -221,7 +267,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
         state, start_step = init(jax.random.key(config.seed)), 0
     else:
         state, meta = restored
-        _check_resumable(run, meta)
         start_step = int(meta["step"])
         if is_lead:
             print(f"resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
@@ -260,6 +305,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
                 raise non_finite_error(f"the training loss is {m['train_loss']}", s, state, m["learning_rate"],
                                        last_checkpoint())
 
+    save_failed = False
     try:
         if _preempted(manager, start_step, sigterm):
             if is_lead:
@@ -293,7 +339,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
                 if not bool(all_finite(state)):
                     raise non_finite_error("parameters or BatchNorm statistics are not finite", step, state,
                                            float(run.schedule(step - 1)), last_checkpoint())
-                checkpoints.save(manager, state, _run_meta(run, step))
+                try:
+                    checkpoints.save(manager, state, _run_meta(run, step))
+                except checkpoints.CheckpointError:
+                    save_failed = True
+                    raise
             if stop:
                 if is_lead:
                     progress.write(f"preempted: saved a checkpoint at step {step} in {workdir}; run the same "
@@ -308,7 +358,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
                 timer_start, timer_steps = time.perf_counter(), 0
     finally:
         progress.close()
-        manager.wait_until_finished()
-        manager.close()
         writer.close()
+        if not save_failed:  # after a failed save Orbax's manager can wait minutes for signals that never come
+            checkpoints.finish(manager)
     return eval_metrics
