@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from attn_flax import models
+from attn_flax import cli, models
 
 DEPTHS = (18, 34, 50, 101, 152)
 ATTENTIONS = (None, "cbam", "bam")
@@ -227,13 +227,25 @@ def load_converted(directory: str | pathlib.Path) -> tuple[nn.Module, dict[str, 
     return model, variables
 
 
+class CheckpointReadError(ValueError):
+    """The official checkpoint file is missing or cannot be read."""
+
+
 def read_checkpoint(path: str | pathlib.Path) -> Mapping[str, Any]:
     """Reads an official ``.pth.tar`` (a bare state dict or the training wrapper) with ``weights_only=True``."""
+    if not pathlib.Path(path).is_file():
+        raise CheckpointReadError(f"--checkpoint {path} does not exist; give the path of an official .pth.tar")
     try:
         import torch
     except ImportError as error:
-        raise SystemExit("reading a PyTorch checkpoint needs torch: pip install 'attn_flax[torch]'") from error
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointReadError("reading a PyTorch checkpoint needs torch: pip install 'attn_flax[torch]'") \
+            from error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, not a checkpoint, or pickled objects torch refuses
+        reason = str(error).split(". ")[0] if str(error) else type(error).__name__
+        raise CheckpointReadError(f"--checkpoint {path} cannot be read as a PyTorch checkpoint ({reason}); it may be "
+                                  "truncated or not a .pth.tar: download it again") from error
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -253,7 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if (pathlib.Path(args.output) / VARIABLES_DIR).exists() and not args.force:
         print(f"{args.output} already holds a converted checkpoint; pass --force to overwrite it", file=sys.stderr)
         return 1
-    state = read_checkpoint(args.checkpoint)
+    try:
+        state = read_checkpoint(args.checkpoint)
+    except CheckpointReadError as error:
+        cli.fail(parser.prog, str(error), 2)
     try:
         model, variables = from_official(state, depth=args.depth, attention=args.attention, stem=args.stem)
     except CheckpointMismatchError as error:
