@@ -38,7 +38,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def model_label(config) -> str:
     """'CBAM', 'BAM', ... or 'ResNet' for a run without attention."""
     attention = config.get("attention")
-    return "ResNet" if attention in (None, "none") else attention.upper()
+    if attention in (None, "none"):
+        return "ResNet"
+    return attention.rpartition(":")[2] if ":" in attention else attention.upper()
 
 
 def draw() -> list[str]:
@@ -68,11 +70,12 @@ def draw() -> list[str]:
     os.makedirs(FLAGS.output, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
+        true = info.class_names[batch["label"][i]]
         rows = [visualization.Explanation(
-            f"{model_label(run.config)}: {info.class_names[view.predictions[i]]}",
+            visualization.row_title(model_label(run.config), info.class_names[view.predictions[i]],
+                                    float(view.probabilities[i]), true),
             {label: m[i] for label, m in view.maps.items()}, view.grad_cam[i]) for run, view in zip(runs, views)]
-        title = f"true: {info.class_names[batch['label'][i]]}"
-        fig = visualization.figure(np.asarray(image), rows, title=title, panel_pixels=FLAGS.panel_size)
+        fig = visualization.figure(np.asarray(image), rows, panel_pixels=FLAGS.panel_size)
         paths.append(os.path.join(FLAGS.output, f"attention_{i:03d}.png"))
         fig.savefig(paths[-1])
     return paths

@@ -114,12 +114,13 @@ def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
 @dataclasses.dataclass(frozen=True)
 class ModelView:
     """A model's attention on a batch: stage label -> spatial map [N, h, w], Grad-CAM scaled to [0, 1] per
-    image [N, h, w], the predicted classes and the classes Grad-CAM explains [N]."""
+    image [N, h, w], the predicted classes, their softmax probabilities and the classes Grad-CAM explains [N]."""
 
     maps: dict[str, np.ndarray]
     grad_cam: np.ndarray
     predictions: np.ndarray
     classes: np.ndarray
+    probabilities: np.ndarray
 
 
 def explain(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, *,
@@ -132,8 +133,11 @@ def explain(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, *
     if size is not None:
         maps = {label: upsample(m, size) for label, m in maps.items()}
         heat = upsample(heat, size)
+    probabilities = jax.nn.softmax(cam.logits.astype(jnp.float32), axis=-1)
+    predictions = jnp.argmax(cam.logits, axis=-1)
     return ModelView({label: np.asarray(m) for label, m in maps.items()}, np.asarray(heat),
-                     np.asarray(jnp.argmax(cam.logits, axis=-1)), np.asarray(cam.classes))
+                     np.asarray(predictions), np.asarray(cam.classes),
+                     np.asarray(jnp.take_along_axis(probabilities, predictions[:, None], axis=-1)[:, 0]))
 
 
 def normalise_per_image(maps: jax.Array) -> jax.Array:
@@ -147,6 +151,19 @@ def denormalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float])
     return np.clip(np.asarray(images) * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
 
 
+def grey(image: np.ndarray) -> np.ndarray:
+    """An RGB image [h, w, 3] in [0, 1] as its luminance (ITU-R BT.601 weights) [h, w]: the backdrop of an
+    overlay, so that the map's colours are the only colours in the panel."""
+    return np.asarray(image, np.float32)[..., :3] @ np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def row_title(model_label: str, predicted: str, probability: float, true: Optional[str] = None) -> str:
+    """'CBAM: cat 87%' over 'true: dog': the model, its predicted class with its softmax probability, and the
+    true class."""
+    title = f"{model_label}: {predicted} {100 * probability:.0f}%"
+    return title if true is None else f"{title}\ntrue: {true}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Explanation:
     """One model's view of one image: title, stage label -> spatial map [h, w] in [0, 1], Grad-CAM [h, w]."""
@@ -156,44 +173,70 @@ class Explanation:
     grad_cam: np.ndarray
 
 
+GATE_CMAP = "viridis"
+GRAD_CAM_CMAP = "inferno"
+COLOUR_BAR_FRACTION = 0.35
+"""Width of the colour-bar column, as a fraction of a panel."""
+
+
+def colour_bars(num_maps: int) -> tuple[tuple[str, str], ...]:
+    """(colour map, label) of each colour bar of :func:`figure`: Grad-CAM's, and the gates' when there are maps."""
+    gates = ((GATE_CMAP, "gate"),) if num_maps else ()
+    return gates + ((GRAD_CAM_CMAP, "Grad-CAM / max"),)
+
+
 def figure_pixels(num_maps: int, num_rows: int, panel_pixels: int) -> tuple[int, int]:
-    """(width, height) in pixels of :func:`figure`: the image, ``num_maps`` maps and Grad-CAM per row."""
-    return (num_maps + 2) * panel_pixels, num_rows * panel_pixels
+    """(width, height) in pixels of :func:`figure`: per row the image, up to ``num_maps`` maps and Grad-CAM, and
+    a narrow column per colour bar (:func:`colour_bars`)."""
+    bars = len(colour_bars(num_maps))
+    return round((num_maps + 2 + bars * COLOUR_BAR_FRACTION) * panel_pixels), num_rows * panel_pixels
 
 
 def figure(image: np.ndarray, rows: Sequence[Explanation], *, title: Optional[str] = None,
-           panel_pixels: int = 160, dpi: int = 100, alpha: float = 0.5):
-    """A matplotlib Figure: one row per model (image, each stage's map, Grad-CAM), maps overlaid on the image.
+           panel_pixels: int = 160, dpi: int = 100, alpha: float = 0.6):
+    """A matplotlib Figure: one row per model (image, each stage's spatial gate, Grad-CAM) and colour bars.
 
-    Maps of any resolution are stretched over the image (nearest neighbour when not upsampled beforehand). A
-    model without spatial maps (a plain ResNet, SE, ECA) leaves those panels empty. The figure is exactly
-    :func:`figure_pixels` large when saved without ``bbox_inches``.
+    Maps are drawn over the image in grey, so that they read on any image: gates on a fixed 0-1 scale
+    (:data:`GATE_CMAP`; a gate is a sigmoid, its value means the same in every panel), Grad-CAM scaled to a
+    maximum of 1 per image (:data:`GRAD_CAM_CMAP`). A model without spatial maps (a plain ResNet, SE, ECA)
+    gets only the image and Grad-CAM, side by side. Maps of any resolution are stretched over the image
+    (nearest neighbour when not upsampled beforehand). The figure is exactly :func:`figure_pixels` large when
+    saved without ``bbox_inches``.
     """
+    import matplotlib.cm
+    import matplotlib.colors
     from matplotlib.figure import Figure
 
     labels = list(dict.fromkeys(label for row in rows for label in row.maps))
     width, height = figure_pixels(len(labels), len(rows), panel_pixels)
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    axes = fig.subplots(len(rows), len(labels) + 2, squeeze=False)
-    top_pixels = panel_pixels * (0.25 if title else 0.12)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - top_pixels / height, wspace=0.05,
-                        hspace=0.15)
+    columns, bars = len(labels) + 2, colour_bars(len(labels))
+    grid = fig.add_gridspec(len(rows), columns + len(bars),
+                            width_ratios=[1] * columns + [COLOUR_BAR_FRACTION] * len(bars),
+                            left=0.01, right=0.97, bottom=0.02,
+                            top=1 - panel_pixels * (0.25 if title else 0.12) / height, wspace=0.08, hspace=0.2)
     if title:
         fig.suptitle(title, fontsize=max(6, panel_pixels // 16))
-    size = image.shape[0]
-    extent = (-0.5, image.shape[1] - 0.5, size - 0.5, -0.5)
+    extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
     fontsize = max(6, panel_pixels // 18)
-    for row, row_axes in zip(rows, axes):
-        panels = [("image", None)] + [(label, row.maps.get(label)) for label in labels] + [
-            ("Grad-CAM", row.grad_cam)]
-        for ax, (label, overlay) in zip(row_axes, panels):
+    backdrop = grey(image)
+    for r, row in enumerate(rows):
+        panels = [(row.title, None, None)] + [(label, row.maps[label], GATE_CMAP) for label in labels
+                                              if label in row.maps] + [("Grad-CAM", row.grad_cam, GRAD_CAM_CMAP)]
+        for c, (label, overlay, cmap) in enumerate(panels):
+            ax = fig.add_subplot(grid[r, c])
             ax.set_axis_off()
-            if label != "image" and overlay is None:
-                ax.set_title(f"{label}: none", fontsize=fontsize)
-                continue
-            ax.imshow(image, extent=extent, interpolation="nearest")
-            if overlay is not None:
-                ax.imshow(overlay, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, extent=extent,
+            if overlay is None:
+                ax.imshow(image, extent=extent, interpolation="nearest")
+            else:
+                ax.imshow(backdrop, cmap="gray", vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
+                ax.imshow(overlay, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, extent=extent,
                           interpolation="nearest")
-            ax.set_title(row.title if label == "image" else label, fontsize=fontsize)
+            ax.set_title(label, fontsize=fontsize, loc="left" if overlay is None else "center")
+    norm = matplotlib.colors.Normalize(0.0, 1.0)
+    for c, (cmap, label) in enumerate(bars):
+        bar_ax = fig.add_subplot(grid[:, columns + c])
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=bar_ax, ticks=[0, 0.5, 1])
+        bar.ax.tick_params(labelsize=fontsize * 0.8)
+        bar.set_label(label, fontsize=fontsize * 0.8)
     return fig

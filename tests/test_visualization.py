@@ -44,7 +44,7 @@ def test_visualize_writes_one_png_per_image_of_the_expected_size(root, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"attention_{i:03d}.png" for i in range(3)]
     for path in tmp_path.iterdir():
         with Image.open(path) as png:
-            assert png.size == visualization.figure_pixels(4, 2, 64) == (6 * 64, 2 * 64)
+            assert png.size == visualization.figure_pixels(4, 2, 64) == (round(6.7 * 64), 2 * 64)
 
 
 def test_visualize_rejects_bad_inputs_in_one_line(root, tmp_path):
@@ -142,3 +142,72 @@ def test_grad_cam_names_a_missing_layer():
     model, variables = tiny_model(None)
     with pytest.raises(ValueError, match="no module at stage9_block0"):
         visualization.grad_cam(model, variables, jnp.zeros((1, 32, 32, 3)), layer=("stage9_block0",))
+
+
+def _figure_rows():
+    rng = np.random.default_rng(0)
+    maps = {f"stage {s}": rng.uniform(size=(8, 8)) for s in (1, 2)}
+    return [visualization.Explanation(visualization.row_title("CBAM", "circle", 0.873, "square"), maps,
+                                      rng.uniform(size=(8, 8))),
+            visualization.Explanation(visualization.row_title("ResNet", "square", 0.51, "square"), {},
+                                      rng.uniform(size=(8, 8)))]
+
+
+def _panels(fig):
+    """Per row of the figure: the titles of its image panels, left to right; and the colour-bar axes."""
+    images = [ax for ax in fig.axes if ax.images]
+    bars = [ax for ax in fig.axes if not ax.images]
+    rows = {}
+    for ax in images:
+        rows.setdefault(round(ax.get_position().y0, 3), []).append(ax)
+    ordered = [sorted(r, key=lambda ax: ax.get_position().x0) for _, r in sorted(rows.items(), reverse=True)]
+    return ordered, bars
+
+
+def test_figure_rows_title_the_prediction_with_its_probability_and_collapse_when_there_are_no_maps():
+    image = np.random.default_rng(1).uniform(size=(8, 8, 3))
+    fig = visualization.figure(image, _figure_rows(), panel_pixels=64)
+    rows, _ = _panels(fig)
+    titles = [[ax.get_title(loc="left") or ax.get_title() for ax in row] for row in rows]
+    assert titles == [["CBAM: circle 87%\ntrue: square", "stage 1", "stage 2", "Grad-CAM"],
+                      ["ResNet: square 51%\ntrue: square", "Grad-CAM"]]
+
+
+def test_figure_draws_maps_over_the_grey_image_on_a_fixed_0_1_scale_with_a_colour_bar_each():
+    image = np.random.default_rng(1).uniform(size=(8, 8, 3))
+    fig = visualization.figure(image, _figure_rows(), panel_pixels=64)
+    rows, bars = _panels(fig)
+    picture, *overlays = rows[0]
+    assert picture.images[0].get_array().shape == (8, 8, 3)  # the image itself, in colour, once per row
+    for ax in overlays:
+        backdrop, overlay = ax.images
+        np.testing.assert_allclose(backdrop.get_array(), visualization.grey(image), rtol=1e-6)
+        assert backdrop.get_cmap().name == "gray" and backdrop.get_clim() == (0.0, 1.0)
+        assert overlay.get_clim() == (0.0, 1.0)
+    assert [ax.images[1].get_cmap().name for ax in overlays] == ["viridis", "viridis", "inferno"]
+    assert [(ax.get_ylabel(), ax.get_ylim()) for ax in bars] == [("gate", (0.0, 1.0)),
+                                                                 ("Grad-CAM / max", (0.0, 1.0))]
+
+
+def test_a_figure_without_gates_has_only_the_grad_cam_colour_bar():
+    image = np.random.default_rng(1).uniform(size=(8, 8, 3))
+    fig = visualization.figure(image, _figure_rows()[1:], panel_pixels=64)
+    _, bars = _panels(fig)
+    assert [ax.get_ylabel() for ax in bars] == ["Grad-CAM / max"]
+    assert visualization.figure_pixels(0, 1, 64) == (round(2.35 * 64), 64)
+
+
+def test_grey_is_the_luminance_of_the_image():
+    image = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]])
+    np.testing.assert_allclose(visualization.grey(image), [[0.299, 0.587, 0.114, 1.0]], rtol=1e-6)
+
+
+def test_explain_gives_the_softmax_probability_of_each_predicted_class():
+    model, variables = tiny_model("cbam")
+    images = jax.random.normal(jax.random.key(4), (3, 32, 32, 3))
+    view = visualization.explain(model, variables, images)
+    logits = np.asarray(model.apply(variables, images, train=False), np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_array_equal(view.predictions, logits.argmax(-1))
+    np.testing.assert_allclose(view.probabilities, probs.max(-1), rtol=1e-5)
