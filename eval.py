@@ -58,7 +58,8 @@ def check_flags(argv: list[str]) -> None:
 
 def score() -> dict:
     """Loads the model named by the flags and evaluates it; returns the JSON result."""
-    from attn_flax import evaluation, trained
+    from attn_flax import trained
+    from attn_flax.training import evaluation
 
     if FLAGS.workdir is not None:
         config = trained.read_config(FLAGS.workdir)

@@ -137,22 +137,22 @@ def main(argv):
         fail("give all of --coordinator_address, --num_processes and --process_id, or none", 2)
     config_error = None
     with stderr_held() as held:
-        from attn_flax.training import checkpoints, config_checks, loop
+        from attn_flax.training import checkpoints, config_checks, loop, nan_guard, setup
 
         initialize_distributed()
         try:
             config_checks.check_values(FLAGS.config)
-            loop.check_workdir(FLAGS.config, FLAGS.workdir)
-            run = loop.prepare(FLAGS.config)
-        except loop.ConfigError as err:
+            setup.check_workdir(FLAGS.config, FLAGS.workdir)
+            run = setup.prepare(FLAGS.config)
+        except config_checks.ConfigError as err:
             config_error, held.show = err, False
     if config_error is not None:
         fail(str(config_error), 2)
     try:
         loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, run)
-    except loop.ConfigError as err:
+    except config_checks.ConfigError as err:
         fail(str(err), 2)
-    except (loop.NonFiniteLossError, checkpoints.CheckpointError) as err:
+    except (nan_guard.NonFiniteLossError, checkpoints.CheckpointError) as err:
         fail(str(err), 1)
 
 

@@ -52,11 +52,11 @@ def run_or_fail(program: str, work: Callable[[], T]) -> T:
     error = None
     with stderr_held() as held:
         from attn_flax import data, trained
-        from attn_flax.training import checkpoints, loop
+        from attn_flax.training import checkpoints, config_checks
 
         try:
             return work()
-        except (trained.LoadError, loop.ConfigError, data.DatasetNotPreparedError, ValueError) as err:
+        except (trained.LoadError, config_checks.ConfigError, data.DatasetNotPreparedError, ValueError) as err:
             error, held.show = (err, 2), False
         except checkpoints.CheckpointError as err:
             error, held.show = (err, 1), False

@@ -36,6 +36,6 @@ def get_config(dataset: str, arch: str) -> ml_collections.ConfigDict:
     config.weight_decay = 5e-4
 
     config.log_every_steps = 100
-    config.eval_every_steps = 3910  # every 10 epochs
-    config.checkpoint_every_steps = 3910
+    config.eval_every_steps, config.eval_every_epochs = -1, 10.0
+    config.checkpoint_every_steps, config.checkpoint_every_epochs = -1, 10.0
     return config

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.batch_size = 128
     config.eval_batch_size = 500
-    config.num_train_steps = -1
+    config.num_train_steps = -1  # -1: num_epochs
     config.num_epochs = 1.25
     config.grad_accum_steps = 1
 
@@ -59,8 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.0
 
     config.seed = 0
+    # Each period in steps, or -1 and the same period in epochs (X_every_epochs); attn_flax.training.durations.
     config.log_every_steps = 50
+    config.log_every_epochs = config_dict.placeholder(float)
     config.eval_every_steps = 10_000
+    config.eval_every_epochs = config_dict.placeholder(float)
     config.checkpoint_every_steps = 500
+    config.checkpoint_every_epochs = config_dict.placeholder(float)
     config.keep_checkpoints = 3
     return config

@@ -54,7 +54,7 @@ def get_config(arch: str = "resnet50,cbam") -> ml_collections.ConfigDict:
     config.weight_decay_exclude_norm_and_bias = False
 
     config.log_every_steps = 100
-    config.eval_every_steps = 1251 * 5  # every 5 epochs at batch 1024
+    config.eval_every_steps, config.eval_every_epochs = -1, 5.0
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     return config

@@ -54,8 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn_flax import data, evaluation, models, visualization
-from attn_flax.training import optim, steps
+from attn_flax import data, models, visualization
+from attn_flax.training import evaluation, optim, steps
 from attn_flax.training.state import init_train_state
 
 info = data.dataset_info(DATASET, data_dir=DATA_DIR)
@@ -98,7 +98,7 @@ import ml_collections
 config = ml_collections.ConfigDict(dict(
     base_learning_rate=0.4, batch_size=BATCH_SIZE, schedule="cosine", warmup_epochs=0.2, decay_epochs=(),
     decay_factor=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, weight_decay_exclude_norm_and_bias=False))
-steps_per_epoch = info.num_train_examples // BATCH_SIZE
+steps_per_epoch = info.num_train_examples / BATCH_SIZE
 schedule = optim.learning_rate_schedule(config, TRAIN_STEPS, steps_per_epoch)
 tx = optim.create_optimizer(config, schedule)
 

@@ -20,7 +20,7 @@ from flax import linen as nn
 import tiny_runs
 from attn_flax import attention, models
 from attn_flax.attention import registry
-from attn_flax.training import config_checks, loop
+from attn_flax.training import config_checks, loop, metrics, setup
 from test_fault_tolerance import ENV, REPO, committed_steps, finish, start, train_args, wait_for_checkpoint
 
 TINY = tiny_runs.TINY_FIELDS
@@ -125,7 +125,7 @@ def test_a_finished_run_says_so_exits_0_and_writes_nothing(finished, data_dir):
     assert f"the run in {workdir} is finished: its checkpoint is at step 2 and the config plans 2 steps" in out
     assert "resuming" not in out and "Traceback" not in err
     assert snapshot(workdir) == before
-    assert loop.last_eval_metrics(str(workdir))["eval_examples"] == 100
+    assert metrics.last_eval_metrics(str(workdir))["eval_examples"] == 100
 
 
 def test_check_values_accepts_every_shipped_config():
@@ -240,7 +240,7 @@ def test_the_readmes_own_attention_takes_its_option_from_a_config_file(user_fold
 
         my_config = importlib.import_module("my_config")
         config = my_config.get_config()
-        model = loop.build_model(config, num_classes=10)
+        model = setup.build_model(config, num_classes=10)
         assert dict(model.attention.options) == {"scale": 2.0}
         params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))
         assert params["params"]["stage1_block0"]["attention"]["w"].shape == (16,)

@@ -1,4 +1,4 @@
-"""eval.py and attn_flax.evaluation: full-split scores equal a direct computation; bad inputs fail in one line."""
+"""eval.py and attn_flax.training.evaluation: full-split scores equal a direct computation; bad inputs fail in one line."""
 import json
 import os
 import shutil
@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tiny_runs
-from attn_flax import convert, data, evaluation, models, trained
-from attn_flax.training import loop
+from attn_flax import convert, data, models, trained
+from attn_flax.training import checkpoints, evaluation, optim, setup
 
 EVAL = str(tiny_runs.REPO / "eval.py")
 
@@ -64,7 +64,7 @@ def test_eval_of_a_workdir_equals_a_direct_computation_over_the_split(root, work
     assert printed["step"] == 2 and printed["dataset"] == tiny_runs.TINY_DATASET
 
     config = trained.read_config(workdir)
-    model = loop.build_model(config, num_classes=10)
+    model = setup.build_model(config, num_classes=10)
     state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "2", "state"))
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     assert_scores_equal(printed, direct_scores(model, variables, *tiny_runs.eval_split(root)))
@@ -79,6 +79,32 @@ def test_eval_of_a_workdir_equals_the_trainers_last_eval(workdir):
         logged = [e for e in map(json.loads, f) if "eval_loss" in e][-1]
     assert loaded.step == logged["step"] == 2
     assert result == pytest.approx({k: v for k, v in logged.items() if k != "step"}, rel=1e-6)
+
+
+def test_loading_a_workdir_needs_no_optimiser_and_no_training_batch_size(workdir, monkeypatch):
+    """Scoring reads params and BatchNorm statistics only: no optimiser is built, and a training batch size that
+    does not split over this machine's devices (6 over 4) does not matter."""
+    def no_optimiser(*args, **kwargs):
+        raise AssertionError("an optimiser was built to load a model")
+
+    monkeypatch.setattr(optim, "create_optimizer", no_optimiser)
+    monkeypatch.setattr(optim, "learning_rate_schedule", no_optimiser)
+    config = trained.read_config(workdir)
+    config.batch_size = 6
+    loaded = trained.from_workdir(workdir, config)
+    assert set(loaded.variables) == {"params", "batch_stats"} and loaded.step == 2
+    saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "2", "state"))
+    for a, b in zip(jax.tree.leaves(loaded.variables["params"]), jax.tree.leaves(saved["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_config_that_does_not_fit_the_checkpoint_is_one_clear_error(workdir):
+    config = trained.read_config(workdir)
+    config.widths = (8, 16, 16, 32)
+    with pytest.raises(checkpoints.CheckpointError, match=r"does not fit the model its config.json describes: "
+                       r"batch_stats/stage4_block0/bn1/mean is \(16,\) there, the model has \(32,\); was "
+                       r"config.json edited\?"):
+        trained.from_workdir(workdir, config)
 
 
 def test_eval_of_a_converted_checkpoint_equals_a_direct_computation(root, converted):

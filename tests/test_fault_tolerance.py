@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from attn_flax.training import checkpoints, loop
+from attn_flax.training import checkpoints, loop, nan_guard
 import tiny_runs
 from conftest import free_port
 from configs import default
@@ -200,12 +200,12 @@ def test_the_non_finite_message_is_true_without_a_checkpoint_and_at_a_small_lear
 
     params = {"stage1_block0": {"conv1": {"kernel": np.ones(3)}, "bn1": {"scale": np.array([1.0, np.nan])}}}
     state = TrainState(step=np.int32(3), params=params, batch_stats={}, opt_state=(), rng=np.zeros(2, np.uint32))
-    message = str(loop.non_finite_error("the training loss is nan", 3, state, 0.0, None))
+    message = str(nan_guard.non_finite_error("the training loss is nan", 3, state, 0.0, None))
     assert "first non-finite leaf params/stage1_block0/bn1/scale" in message
     assert "no checkpoint had been saved yet" in message and "kept" not in message
     assert "lower the learning rate" not in message and "only 0" in message
     finite = state.replace(params={"head": {"bias": np.zeros(2)}})
-    message = str(loop.non_finite_error("the training loss is inf", 9, finite, 0.4, 8))
+    message = str(nan_guard.non_finite_error("the training loss is inf", 9, finite, 0.4, 8))
     assert "still finite" in message and "the checkpoint at step 8 is kept" in message
     assert "lower the learning rate (0.4 at that step)" in message and "\n" not in message
 

@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import AxisType, Mesh
 
 from attn_flax import data
-from attn_flax.training import loop, sharding, steps
+from attn_flax.training import loop, setup, sharding, steps
+from attn_flax.training.state import init_train_state
 from attn_flax.training.metrics import read_metrics
 import tiny_runs
 from conftest import free_port
@@ -55,6 +56,18 @@ def test_round_trip_writes_metrics_checkpoints_and_config(tmp_path, data_dir):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
 
 
+def test_periods_given_in_epochs_are_kept_in_steps(tmp_path, data_dir):
+    """500 examples at batch 16 are 31.25 steps per epoch: logging and checkpoints every 0.064 epochs are every
+    2 steps, evaluation every 0.1 epochs every 3 steps (and at the end, as every periodic action)."""
+    config = tiny_config(data_dir, log_every_steps=-1, log_every_epochs=0.064, checkpoint_every_steps=-1,
+                         checkpoint_every_epochs=0.064, eval_every_steps=-1, eval_every_epochs=0.1)
+    loop.train_and_evaluate(config, str(tmp_path))
+    events = read_metrics(str(tmp_path))
+    assert [e["step"] for e in events if "train_loss" in e] == [2, 4]
+    assert [e["step"] for e in events if "eval_loss" in e] == [3, 4]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
 def test_restarted_run_continues_from_its_latest_checkpoint(tmp_path, data_dir):
     """Stopped after 4 steps and restarted to 6, the run ends with the parameters of an uninterrupted 6-step run
     (constant learning rate, so the schedule does not depend on the planned length)."""
@@ -76,7 +89,7 @@ def test_restarted_run_continues_from_its_latest_checkpoint(tmp_path, data_dir):
 def _two_steps(run, mesh, batches):
     """Two train steps of ``run``'s model on ``mesh``; returns the losses and the final params."""
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    state = jax.jit(lambda rng: loop.init_train_state(run.model, run.tx, rng, (32, 32, 3)),
+    state = jax.jit(lambda rng: init_train_state(run.model, run.tx, rng, (32, 32, 3)),
                     out_shardings=replicated)(jax.random.key(0))
     step_fn = jax.jit(steps.make_train_step(run.model, run.tx, run.schedule),
                       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated))
@@ -90,7 +103,7 @@ def _two_steps(run, mesh, batches):
 def test_four_devices_give_the_loss_of_one_device(data_dir):
     """Data parallelism does not change the maths: BatchNorm statistics and gradients are global."""
     assert jax.device_count() >= 4, "conftest.py asks XLA for 4 CPU devices"
-    run = loop.prepare(tiny_config(data_dir))
+    run = setup.prepare(tiny_config(data_dir))
     stream = data.train_batches(TINY_DATASET, global_batch_size=16, seed=0, data_dir=data_dir)
     batches = [next(iter(stream)) for _ in range(2)]
     one = Mesh(np.asarray(jax.devices()[:1]), ("data",), axis_types=(AxisType.Auto,))

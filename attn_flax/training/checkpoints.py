@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,16 +30,43 @@ class CheckpointError(RuntimeError):
     """No checkpoint in the directory could be restored, or one does not match the run."""
 
 
+def directory(workdir: str) -> str:
+    """``WORKDIR/checkpoints``."""
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def create_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     """A manager of ``WORKDIR/checkpoints`` keeping the newest ``keep``; removes uncommitted (tmp) saves."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    return ocp.CheckpointManager(directory(workdir), options=options)
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``WORKDIR/checkpoints`` holds a committed step."""
+    path = directory(workdir)
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
+@contextlib.contextmanager
+def read_only_manager(workdir: str) -> Iterator[ocp.CheckpointManager]:
+    """A manager of ``WORKDIR/checkpoints`` that creates, writes, moves and deletes nothing (a run still training
+    there keeps its in-flight temporary saves); it reads ``state`` as a plain pytree, so that a part of it can be
+    restored without the rest (:func:`restore_variables`)."""
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True, cleanup_tmp_directories=False,
+                                           enable_async_checkpointing=False)
+    with _quiet_absl():  # Orbax warns at every call that a read-only manager is read-only
+        manager = ocp.CheckpointManager(directory(workdir), options=options, item_handlers={
+            STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
+        try:
+            yield manager
+        finally:
+            manager.close()
 
 
 @contextlib.contextmanager
 def _quiet_absl():
-    """Silences absl's warnings for the block (Orbax warns that a read-only manager is read-only)."""
+    """Silences absl's warnings for the block."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -50,24 +77,24 @@ def _quiet_absl():
 
 
 def latest_meta(workdir: str) -> Optional[dict[str, Any]]:
-    """The ``meta`` (step, seed, dataset, batch size) of ``WORKDIR/checkpoints``' newest checkpoint whose meta
-    reads, or None when there is none. Reads only: creates, moves and deletes nothing, so it can run before a
-    run is allowed to touch the workdir."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    """The ``meta`` (step, seed, dataset, batch size) of ``WORKDIR/checkpoints``' newest committed checkpoint
+    whose meta reads, or None when there is none.
+
+    Reads only, so it can run before a run is allowed to touch the workdir, and by each process on its own (no
+    collective: the processes of a multi-host run may call it at different moments, e.g. while process 0 creates
+    the directory).
+    """
+    path = directory(workdir)
+    if not os.path.isdir(path):
         return None
-    with _quiet_absl():
-        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True,
-                                                                                         create=False))
-        try:
-            for step in sorted(manager.all_steps(), reverse=True):
-                try:
-                    restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-                except Exception:  # noqa: BLE001 - an unreadable one is dealt with by restore_latest
-                    continue
-                return dict(restored[META])
-        finally:
-            manager.close()
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    with _quiet_absl(), ocp.Checkpointer(ocp.JsonCheckpointHandler(), multiprocessing_options=alone) as reader:
+        for step in sorted(ocp.path.step.checkpoint_steps(path), reverse=True):
+            try:
+                return dict(reader.restore(os.path.join(path, str(step), META)))
+            except Exception:  # noqa: BLE001 - an unreadable one is dealt with by restore_latest
+                continue
     return None
 
 
@@ -143,23 +170,61 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState
                    ) -> Optional[tuple[TrainState, dict[str, Any]]]:
     """The newest readable checkpoint as (state, meta), or None when there is none.
 
-    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings, so arrays land directly on the
-    mesh. A checkpoint that fails to restore (partial, corrupt, wrong structure) is reported and skipped; when
-    an older one restores, the skipped ones are moved aside (:func:`move_aside`).
+    ``abstract_state`` (:func:`attn_flax.training.state.abstract_state`) carries shardings, so arrays land
+    directly on the mesh. A checkpoint that fails to restore (partial, corrupt, wrong structure) is reported and
+    skipped; when an older one restores, the skipped ones are moved aside (:func:`move_aside`).
     """
-    steps = sorted(manager.all_steps(), reverse=True)
+    return _newest_readable(manager, ocp.args.StandardRestore(abstract_state), move_damaged=True)
+
+
+def restore_variables(workdir: str, abstract_variables: dict[str, Any]
+                      ) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+    """The ``{'params', 'batch_stats'}`` of ``WORKDIR``'s newest readable checkpoint, and its meta; None when
+    there is none. Reads only those two parts of the state (no optimiser state, no optimiser needed) and changes
+    nothing on disk. Raises :class:`CheckpointError` when the checkpoint's shapes are not the model's."""
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                                               dtype=s.dtype), abstract_variables)
+    with read_only_manager(workdir) as manager:
+        for step in sorted(manager.all_steps(), reverse=True)[:1]:
+            _check_shapes(manager, step, abstract_variables)
+        return _newest_readable(manager, ocp.args.PyTreeRestore(item=abstract_variables, restore_args=restore_args,
+                                                                partial_restore=True), move_damaged=False)
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_variables: dict[str, Any]) -> None:
+    """Raises :class:`CheckpointError` naming the first array whose saved shape differs from the model's."""
+    try:
+        saved = manager.item_metadata(step)[STATE].tree
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports it
+        return
+    for path, want in jax.tree_util.tree_leaves_with_path(abstract_variables):
+        node = saved
+        for key in path:
+            node = node.get(str(getattr(key, "key", key)), {}) if isinstance(node, dict) else {}
+        have = getattr(node, "shape", None)
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        if have is None or tuple(have) != tuple(want.shape):
+            raise CheckpointError(f"checkpoint {step} in {manager.directory} does not fit the model its config.json "
+                                  f"describes: {name} is {'missing' if have is None else tuple(have)} there, the "
+                                  f"model has {tuple(want.shape)}; was config.json edited?")
+
+
+def _newest_readable(manager: ocp.CheckpointManager, state_args: Any, *, move_damaged: bool
+                     ) -> Optional[tuple[Any, dict[str, Any]]]:
+    """Restores the newest checkpoint that reads with ``state_args``, warning about each newer one that does not
+    (moved aside with ``move_damaged``); raises :class:`CheckpointError` when none reads."""
     failures: list[tuple[int, str]] = []
-    for step in steps:
+    for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+            restored = manager.restore(step, args=ocp.args.Composite(**{STATE: state_args,
+                                                                        META: ocp.args.JsonRestore()}))
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped, the reason reported
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             logging.warning("checkpoint %d in %s cannot be restored (%s); trying an older one",
                             step, manager.directory, reason)
             failures.append((step, reason))
             continue
-        if failures:
+        if failures and move_damaged:
             move_aside(manager, [s for s, _ in failures])
         return restored[STATE], dict(restored[META])
     if failures:
@@ -183,8 +248,3 @@ def move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("attn_flax_checkpoints_moved_aside")
     manager.reload()
-
-
-def abstract(state_shape: Any, sharding: jax.sharding.Sharding) -> Any:
-    """ShapeDtypeStructs of ``state_shape`` carrying ``sharding``, as Orbax restores onto a mesh."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state_shape)

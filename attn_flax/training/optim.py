@@ -9,6 +9,8 @@ import jax
 import ml_collections
 import optax
 
+from attn_flax.training.durations import epochs_to_steps
+
 SCHEDULES = ("step", "cosine", "constant")
 
 
@@ -18,13 +20,14 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, num_train_steps: int,
-                           steps_per_epoch: int) -> optax.Schedule:
+                           steps_per_epoch: float) -> optax.Schedule:
     """Linear warmup over ``warmup_epochs``, then ``schedule``: 'step' (x``decay_factor`` at each of
-    ``decay_epochs``), 'cosine' (to zero at the last step) or 'constant'."""
+    ``decay_epochs``), 'cosine' (to zero at the last step) or 'constant'; epochs become steps by
+    :func:`attn_flax.training.durations.epochs_to_steps`."""
     peak = peak_learning_rate(config)
-    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup_steps = epochs_to_steps(config.warmup_epochs, steps_per_epoch)
     if config.schedule == "step":
-        boundaries = {int(round(e * steps_per_epoch)) - warmup_steps: config.decay_factor
+        boundaries = {epochs_to_steps(e, steps_per_epoch) - warmup_steps: config.decay_factor
                       for e in config.decay_epochs}
         main = optax.piecewise_constant_schedule(peak, {b: f for b, f in boundaries.items() if b > 0})
     elif config.schedule == "cosine":

@@ -6,7 +6,7 @@ bugs); a train step draws from ``fold_in(rng, step)``, so randomness is a pure f
 and a resumed run draws exactly what an uninterrupted one would. The ResNets draw nothing yet (no dropout or
 stochastic depth); the key is there so that a model that does needs no change to checkpoints or resumption.
 """
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
@@ -40,3 +40,17 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: ja
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(rng, TRAIN_RNG_STREAM)))
+
+
+def abstract_state(model: nn.Module, image_shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+                   tx: Optional[optax.GradientTransformation] = None) -> Any:
+    """The shapes of what a checkpoint restores onto ``sharding``, as ``jax.ShapeDtypeStruct`` s, computed without
+    running anything: the whole :class:`TrainState` for training (with ``tx``), or only the model's variables
+    ``{'params', 'batch_stats'}`` for scoring (without: no optimiser is needed)."""
+    if tx is None:
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32),
+                                                   train=False))
+        shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+    else:
+        shapes = jax.eval_shape(lambda: init_train_state(model, tx, jax.random.key(0), image_shape))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)

@@ -1,10 +1,11 @@
-"""Scoring a trained model: top-1, top-5 and loss over a whole eval split, every example counted exactly once.
+"""Scoring a model: top-1, top-5 and loss over a whole eval split, every example counted exactly once.
 
 The split is read by :func:`attn_flax.data.eval_batches` (the last batch padded with masked examples) and scored
-by the trainer's own eval step (:func:`attn_flax.training.steps.make_eval_step`), jitted over the data mesh, so
-the numbers equal the ``eval_*`` lines a training run writes to ``metrics.jsonl``.
+by the one eval step (:func:`attn_flax.training.steps.make_eval_step`) compiled over the data mesh by
+:func:`compile_eval_step`, which the training loop and ``eval.py`` share, so a checkpoint scored later gives the
+``eval_*`` numbers its run wrote to ``metrics.jsonl``.
 """
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -14,13 +15,23 @@ from flax import linen as nn
 from attn_flax import data
 from attn_flax.training import sharding, steps
 
+EvalStep = Callable[[Any, steps.Batch], steps.Metrics]
+
 
 @flax.struct.dataclass
 class EvalState:
-    """The part of a :class:`~attn_flax.training.state.TrainState` that the eval step reads."""
+    """What the eval step reads of a :class:`~attn_flax.training.state.TrainState`: a model's variables."""
 
     params: Any
     batch_stats: Any
+
+
+def compile_eval_step(model: nn.Module, mesh: jax.sharding.Mesh) -> EvalStep:
+    """``eval_step(state, batch) -> sums``, jitted with the state replicated and the batch split over ``mesh``;
+    ``state`` is anything with ``params`` and ``batch_stats`` (an :class:`EvalState` or a ``TrainState``)."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(steps.make_eval_step(model), in_shardings=(replicated, sharding.batch_sharded(mesh)),
+                   out_shardings=replicated)
 
 
 def evaluate(model: nn.Module, variables: dict[str, Any], dataset: str, *, batch_size: int,
@@ -37,18 +48,15 @@ def evaluate(model: nn.Module, variables: dict[str, Any], dataset: str, *, batch
     if num_outputs != info.num_classes:
         raise ValueError(f"the model has {num_outputs} outputs but {dataset} has {info.num_classes} classes; "
                          "evaluate on the dataset the model was trained for")
-    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    state = jax.device_put(EvalState(variables["params"], variables.get("batch_stats", {})), replicated)
-    eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(replicated, batch_sharding),
-                        out_shardings=replicated)
-    return evaluate_split(eval_step, state, dataset, batch_size=batch_size, data_dir=data_dir, mesh=mesh,
-                          num_classes=info.num_classes)
+    state = jax.device_put(EvalState(variables["params"], variables.get("batch_stats", {})),
+                           sharding.replicated(mesh))
+    return evaluate_split(compile_eval_step(model, mesh), state, dataset, batch_size=batch_size, data_dir=data_dir,
+                          mesh=mesh, num_classes=info.num_classes)
 
 
-def evaluate_split(eval_step, state: Any, dataset: str, *, batch_size: int, data_dir: Optional[str],
+def evaluate_split(eval_step: EvalStep, state: Any, dataset: str, *, batch_size: int, data_dir: Optional[str],
                    mesh: jax.sharding.Mesh, num_classes: int) -> dict[str, float]:
-    """Runs a jitted ``eval_step(state, batch) -> sums`` over the whole split and summarises the sums; the
-    training loop calls this with its own compiled step."""
+    """Runs ``eval_step`` (:func:`compile_eval_step`) over the whole split and summarises the sums."""
     batch_sharding = sharding.batch_sharded(mesh)
     totals = None
     for local in data.eval_batches(dataset, global_batch_size=batch_size, process_index=jax.process_index(),

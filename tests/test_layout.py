@@ -1,0 +1,52 @@
+"""The package's floors: every import points down (or sideways within a package), never up.
+
+ops -> attention -> models; data on its own; training -> (models, data, ops), never naming an attention module;
+the top-level tools (convert, trained, visualization, cli) above them; no package module imports a script. A
+module that imports from a higher floor makes the lower one depend on what it serves (e.g. the training loop on
+an evaluation tool built on top of it).
+"""
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "attn_flax"
+ALLOWED = {
+    "ops": {"ops"},
+    "attention": {"attention", "ops"},
+    "models": {"models", "attention", "ops"},
+    "data": {"data"},
+    "training": {"training", "models", "data", "ops"},
+}
+"""Subpackage -> the subpackages its modules may import from (the top-level tools may import any)."""
+SCRIPTS = {"train", "eval", "visualize", "benchmark", "study"}
+
+
+def imported_parts(path: pathlib.Path) -> set[str]:
+    """The first component after ``attn_flax.`` of every attn_flax import in the file (top-level or local)."""
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] if node.module != "attn_flax" else [f"attn_flax.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        parts |= {n.split(".")[1] for n in names if n.startswith("attn_flax.")}
+        parts |= {n for n in names if n in SCRIPTS}
+    return parts
+
+
+def test_every_import_points_down():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        floor = relative.parts[0] if len(relative.parts) > 1 else None
+        parts = imported_parts(path)
+        allowed = ALLOWED.get(floor, None)
+        bad = parts & SCRIPTS if allowed is None else parts - allowed
+        wrong += [f"{relative} imports {part}" for part in sorted(bad)]
+    assert not wrong, "imports against the floors:\n" + "\n".join(wrong)
+
+
+def test_the_rule_catches_an_upward_import(tmp_path):
+    module = tmp_path / "loop.py"
+    module.write_text("from attn_flax import evaluation\nfrom attn_flax.attention import cbam\nimport train\n")
+    assert imported_parts(module) == {"evaluation", "attention", "train"}
