@@ -175,21 +175,38 @@ class Explanation:
 
 GATE_CMAP = "viridis"
 GRAD_CAM_CMAP = "inferno"
-COLOUR_BAR_FRACTION = 0.35
-"""Width of the colour-bar column, as a fraction of a panel."""
+LAYOUT = dict(margin=0.06, gap=0.05, title=0.32, bar=0.1, bar_labels=0.5)
+"""Sizes in the figure, as fractions of a panel's side: the outer margin, the gap between panels, the band above
+each row for its title (two lines), a colour bar's width and the room right of it for its ticks and label."""
 
 
 def colour_bars(num_maps: int) -> tuple[tuple[str, str], ...]:
-    """(colour map, label) of each colour bar of :func:`figure`: Grad-CAM's, and the gates' when there are maps."""
+    """(colour map, label) of each colour bar of :func:`figure`: the gates' when there are maps, Grad-CAM's."""
     gates = ((GATE_CMAP, "gate"),) if num_maps else ()
     return gates + ((GRAD_CAM_CMAP, "Grad-CAM / max"),)
 
 
+def _frames(num_maps: int, num_rows: int) -> tuple[float, float, list[list[tuple[float, float]]],
+                                                    list[float], float]:
+    """The layout in panel units: width, height, the (left, bottom) of every panel per row, the left of every
+    colour bar, and the bottom of the bars (they span the rows' panels)."""
+    m, g, t = LAYOUT["margin"], LAYOUT["gap"], LAYOUT["title"]
+    columns = num_maps + 2
+    height = 2 * m + num_rows * (t + 1) + (num_rows - 1) * g
+    bottoms = [height - m - (r + 1) * (t + 1) - r * g for r in range(num_rows)]
+    lefts = [m + c * (1 + g) for c in range(columns)]
+    bar_lefts, x = [], m + columns * (1 + g) - g
+    for _ in colour_bars(num_maps):
+        x += 2 * g
+        bar_lefts.append(x)
+        x += LAYOUT["bar"] + LAYOUT["bar_labels"]
+    return x + m, height, [[(left, b) for left in lefts] for b in bottoms], bar_lefts, bottoms[-1]
+
+
 def figure_pixels(num_maps: int, num_rows: int, panel_pixels: int) -> tuple[int, int]:
-    """(width, height) in pixels of :func:`figure`: per row the image, up to ``num_maps`` maps and Grad-CAM, and
-    a narrow column per colour bar (:func:`colour_bars`)."""
-    bars = len(colour_bars(num_maps))
-    return round((num_maps + 2 + bars * COLOUR_BAR_FRACTION) * panel_pixels), num_rows * panel_pixels
+    """(width, height) in pixels of :func:`figure` with ``num_maps`` map columns and ``num_rows`` rows."""
+    width, height, *_ = _frames(num_maps, num_rows)
+    return round(width * panel_pixels), round(height * panel_pixels)
 
 
 def figure(image: np.ndarray, rows: Sequence[Explanation], *, title: Optional[str] = None,
@@ -198,33 +215,35 @@ def figure(image: np.ndarray, rows: Sequence[Explanation], *, title: Optional[st
 
     Maps are drawn over the image in grey, so that they read on any image: gates on a fixed 0-1 scale
     (:data:`GATE_CMAP`; a gate is a sigmoid, its value means the same in every panel), Grad-CAM scaled to a
-    maximum of 1 per image (:data:`GRAD_CAM_CMAP`). A model without spatial maps (a plain ResNet, SE, ECA)
-    gets only the image and Grad-CAM, side by side. Maps of any resolution are stretched over the image
-    (nearest neighbour when not upsampled beforehand). The figure is exactly :func:`figure_pixels` large when
-    saved without ``bbox_inches``.
+    maximum of 1 per image (:data:`GRAD_CAM_CMAP`). Each row's title (:func:`row_title`) stands over its image.
+    A model without spatial maps (a plain ResNet, SE, ECA) gets no empty map panels, only the image and Grad-CAM,
+    which stays in the last column so that the rows' Grad-CAMs can be compared. Maps of any resolution are
+    stretched over the image (nearest neighbour when not upsampled beforehand). ``title``, if given, is drawn in
+    the top margin. The figure is exactly :func:`figure_pixels` large when saved without ``bbox_inches``.
     """
     import matplotlib.cm
     import matplotlib.colors
     from matplotlib.figure import Figure
 
     labels = list(dict.fromkeys(label for row in rows for label in row.maps))
-    width, height = figure_pixels(len(labels), len(rows), panel_pixels)
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    columns, bars = len(labels) + 2, colour_bars(len(labels))
-    grid = fig.add_gridspec(len(rows), columns + len(bars),
-                            width_ratios=[1] * columns + [COLOUR_BAR_FRACTION] * len(bars),
-                            left=0.01, right=0.97, bottom=0.02,
-                            top=1 - panel_pixels * (0.25 if title else 0.12) / height, wspace=0.08, hspace=0.2)
-    if title:
-        fig.suptitle(title, fontsize=max(6, panel_pixels // 16))
-    extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
+    width, height, frames, bar_lefts, bar_bottom = _frames(len(labels), len(rows))
+    pixels = figure_pixels(len(labels), len(rows), panel_pixels)
+    fig = Figure(figsize=(pixels[0] / dpi, pixels[1] / dpi), dpi=dpi)
     fontsize = max(6, panel_pixels // 18)
+    if title:
+        fig.suptitle(title, fontsize=fontsize, y=1 - LAYOUT["margin"] / 2 / height, va="center")
+
+    def axes(left: float, bottom: float, w: float = 1.0, h: float = 1.0):
+        return fig.add_axes((left / width, bottom / height, w / width, h / height))
+
+    extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
     backdrop = grey(image)
-    for r, row in enumerate(rows):
-        panels = [(row.title, None, None)] + [(label, row.maps[label], GATE_CMAP) for label in labels
-                                              if label in row.maps] + [("Grad-CAM", row.grad_cam, GRAD_CAM_CMAP)]
-        for c, (label, overlay, cmap) in enumerate(panels):
-            ax = fig.add_subplot(grid[r, c])
+    for row, row_frames in zip(rows, frames):
+        panels = [(0, row.title, None, None)] + [
+            (1 + i, label, row.maps[label], GATE_CMAP) for i, label in enumerate(labels) if label in row.maps] + [
+            (len(labels) + 1, "Grad-CAM", row.grad_cam, GRAD_CAM_CMAP)]
+        for column, label, overlay, cmap in panels:
+            ax = axes(*row_frames[column])
             ax.set_axis_off()
             if overlay is None:
                 ax.imshow(image, extent=extent, interpolation="nearest")
@@ -234,9 +253,10 @@ def figure(image: np.ndarray, rows: Sequence[Explanation], *, title: Optional[st
                           interpolation="nearest")
             ax.set_title(label, fontsize=fontsize, loc="left" if overlay is None else "center")
     norm = matplotlib.colors.Normalize(0.0, 1.0)
-    for c, (cmap, label) in enumerate(bars):
-        bar_ax = fig.add_subplot(grid[:, columns + c])
-        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=bar_ax, ticks=[0, 0.5, 1])
-        bar.ax.tick_params(labelsize=fontsize * 0.8)
-        bar.set_label(label, fontsize=fontsize * 0.8)
+    bar_height = frames[0][0][1] + 1 - bar_bottom
+    for left, (cmap, label) in zip(bar_lefts, colour_bars(len(labels))):
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
+                           cax=axes(left, bar_bottom, LAYOUT["bar"], bar_height), ticks=[0, 0.5, 1])
+        bar.ax.tick_params(labelsize=fontsize * 0.85)
+        bar.set_label(label, fontsize=fontsize * 0.85)
     return fig

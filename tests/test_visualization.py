@@ -44,7 +44,7 @@ def test_visualize_writes_one_png_per_image_of_the_expected_size(root, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"attention_{i:03d}.png" for i in range(3)]
     for path in tmp_path.iterdir():
         with Image.open(path) as png:
-            assert png.size == visualization.figure_pixels(4, 2, 64) == (round(6.7 * 64), 2 * 64)
+            assert png.size == visualization.figure_pixels(4, 2, 64)
 
 
 def test_visualize_rejects_bad_inputs_in_one_line(root, tmp_path):
@@ -171,6 +171,8 @@ def test_figure_rows_title_the_prediction_with_its_probability_and_collapse_when
     titles = [[ax.get_title(loc="left") or ax.get_title() for ax in row] for row in rows]
     assert titles == [["CBAM: circle 87%\ntrue: square", "stage 1", "stage 2", "Grad-CAM"],
                       ["ResNet: square 51%\ntrue: square", "Grad-CAM"]]
+    assert rows[0][-1].get_position().x0 == rows[1][-1].get_position().x0, "Grad-CAMs in one column"
+    np.testing.assert_allclose(fig.get_size_inches() * fig.dpi, visualization.figure_pixels(2, 2, 64))
 
 
 def test_figure_draws_maps_over_the_grey_image_on_a_fixed_0_1_scale_with_a_colour_bar_each():
@@ -194,7 +196,7 @@ def test_a_figure_without_gates_has_only_the_grad_cam_colour_bar():
     fig = visualization.figure(image, _figure_rows()[1:], panel_pixels=64)
     _, bars = _panels(fig)
     assert [ax.get_ylabel() for ax in bars] == ["Grad-CAM / max"]
-    assert visualization.figure_pixels(0, 1, 64) == (round(2.35 * 64), 64)
+    assert visualization.figure_pixels(0, 1, 64)[0] < visualization.figure_pixels(1, 1, 64)[0]
 
 
 def test_grey_is_the_luminance_of_the_image():
