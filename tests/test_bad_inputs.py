@@ -233,6 +233,14 @@ def test_the_readmes_own_attention_trains_with_train_py_and_evaluates(user_folde
     assert '"eval_examples": 100' in proc.stdout
 
 
+def test_the_readmes_own_test_of_its_attention_passes(user_folder):
+    (user_folder / "test_my_gates.py").write_text(readme_file("test_my_gates.py"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_gates.py"],
+                          env={**ENV, "PYTHONPATH": str(user_folder)}, cwd=user_folder, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_the_readmes_own_attention_takes_its_option_from_a_config_file(user_folder):
     sys.path.insert(0, str(user_folder))
     try:
