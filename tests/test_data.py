@@ -1,8 +1,10 @@
 """Input pipelines: CIFAR and ImageNet under tfds.testing.mock_data, exactly-once eval, exact resume, errors."""
+import io
+
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 import attn_flax.data as data
 from attn_flax.data import catalog, jpeg, order, preprocess
@@ -80,14 +82,92 @@ def test_imagenet_eval_is_deterministic_and_masked(mocked):
     assert sum(int(b["mask"].sum()) for b in runs[0]) == NUM_MOCK
 
 
-def test_center_crop_takes_the_central_window():
-    image = np.arange(10 * 14 * 3, dtype=np.float32).reshape(10, 14, 3)
-    np.testing.assert_array_equal(jpeg.center_crop(tf.constant(image), 4).numpy(), image[3:7, 5:9])
+def _jpeg(pixels: np.ndarray, mode: str = "RGB", file_format: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=file_format, quality=95)
+    return buffer.getvalue()
 
 
-def test_resize_shorter_side_keeps_aspect():
-    image = tf.zeros([300, 400, 3])
-    assert jpeg.resize_shorter_side(image, 256).shape == (256, 341, 3)
+def _photo(height: int, width: int) -> np.ndarray:
+    """A smooth, photo-like RGB image (bilinear upsampling of random colours)."""
+    coarse = np.random.default_rng(height * width).integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR))
+
+
+def test_eval_view_equals_resize_256_then_central_224():
+    """Parity with the official recipe as torchvision computes it on PIL images: Resize(256), CenterCrop(224)."""
+    pixels = _photo(375, 500)
+    resized = Image.fromarray(pixels).resize((round(500 * 256 / 375), 256), Image.BILINEAR)
+    left, top = (resized.width - 224) // 2, (resized.height - 224) // 2
+    reference = np.asarray(resized.crop((left, top, left + 224, top + 224)), np.float32)
+    ours = jpeg.decode_center_crop(_jpeg(pixels), 224).astype(np.float32)
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
+    assert np.abs(ours - reference).mean() < 2.0  # JPEG loss and sub-pixel placement only
+    box = jpeg.center_crop_box(500, 375)
+    np.testing.assert_allclose(box, ((500 - 328.125) / 2, (375 - 328.125) / 2, (500 + 328.125) / 2,
+                                     (375 + 328.125) / 2))
+    assert jpeg.center_crop_box(500, 375, 128)[2] - jpeg.center_crop_box(500, 375, 128)[0] == 375 * 128 / 146
+
+
+def test_random_crop_boxes_follow_the_inception_distribution():
+    boxes = np.array([jpeg.random_crop_box(500, 375, seed=3, position=p) for p in range(2000)])
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 500).all() and (boxes[:, 3] <= 375).all()
+    area = widths * heights / (500 * 375)
+    ratio = widths / heights
+    fitted = area < 1.0  # the rest fell back to the whole image after 10 misses
+    assert fitted.mean() > 0.9
+    assert area[fitted].min() >= 0.079 and ratio[fitted].min() >= 0.74 and ratio[fitted].max() <= 1.34
+    rng = np.random.default_rng(0)  # the same rule with NumPy's generator: the area distribution must agree
+    draws = rng.uniform(0.08, 1.0, (20000, 10)) * 500 * 375, np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3),
+                                                                                 (20000, 10)))
+    w, h = np.round(np.sqrt(draws[0] * draws[1])), np.round(np.sqrt(draws[0] / draws[1]))
+    fits = (w <= 500) & (h <= 375)
+    first = fits.argmax(1)
+    reference = (w * h)[np.arange(20000), first][fits.any(1)] / (500 * 375)
+    assert abs(area[fitted].mean() - reference.mean()) < 0.02
+    assert abs(fitted.mean() - fits.any(1).mean()) < 0.02
+    assert boxes.tolist() == [list(jpeg.random_crop_box(500, 375, 3, p)) for p in range(2000)]
+    assert boxes.tolist() != [list(jpeg.random_crop_box(500, 375, 4, p)) for p in range(2000)]
+    flips = np.array([jpeg.flips(3, p) for p in range(2000)])
+    assert 0.45 < flips.mean() < 0.55
+
+
+def test_train_view_is_the_box_resized_and_maybe_flipped():
+    encoded = _jpeg(_photo(375, 500))
+    for position in range(4):
+        box = jpeg.random_crop_box(500, 375, 7, position)
+        expected = jpeg.crop_resize(Image.open(io.BytesIO(encoded)), box, 64)
+        expected = expected[:, ::-1] if jpeg.flips(7, position) else expected
+        np.testing.assert_array_equal(jpeg.decode_random_crop(encoded, 7, position, 64), expected)
+
+
+def test_reduced_dct_decoding_matches_full_decoding():
+    """A large JPEG is decoded at 1/2-1/8 scale when the crop allows it; the view barely changes."""
+    encoded = _jpeg(_photo(1500, 2000))
+    box = (100.0, 50.0, 1900.0, 1450.0)
+    full = Image.open(io.BytesIO(encoded)).convert("RGB")
+    reference = np.asarray(full.resize((224, 224), Image.BILINEAR, box=box), np.float32)
+    image = Image.open(io.BytesIO(encoded))
+    ours = jpeg.crop_resize(image, box, 224).astype(np.float32)
+    assert image.size[0] < 2000  # decoded at a reduced scale
+    assert np.abs(ours - reference).mean() < 2.0
+
+
+@pytest.mark.parametrize("mode,file_format", [("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG")])
+def test_cmyk_grey_and_png_decode_to_rgb(mode, file_format):
+    pixels = _photo(40, 48)
+    encoded = _jpeg(pixels, mode, file_format)
+    view = jpeg.decode_center_crop(encoded, 32)
+    assert view.shape == (32, 32, 3) and view.dtype == np.uint8
+    source = Image.fromarray(pixels).convert("L") if mode == "L" else Image.fromarray(pixels)
+    reference = jpeg.crop_resize(source, jpeg.center_crop_box(48, 40, 32), 32).astype(np.float32)
+    assert np.abs(view.astype(np.float32) - reference).mean() < 8.0
+
+
+def test_undecodable_image_is_a_one_line_error():
+    with pytest.raises(ValueError, match="could not be decoded.*prepare it again"):
+        jpeg.decode_center_crop(b"not an image", 32)
 
 
 def test_pad_crop_flip_offsets_are_padded_windows():
@@ -160,8 +240,10 @@ def test_unprepared_dataset_says_what_to_do(tmp_path):
     with pytest.raises(data.DatasetNotPreparedError) as error:
         data.dataset_info("cifar10", data_dir=str(tmp_path))
     message = str(error.value)
-    assert "\n" not in message and "tfds build cifar10" in message and str(tmp_path) in message
-    with pytest.raises(data.DatasetNotPreparedError, match="downloads/manual"):
+    assert "\n" not in message and str(tmp_path) in message
+    assert f"python -m attn_flax.data.prepare cifar10 --data_dir={tmp_path}" in message
+    with pytest.raises(data.DatasetNotPreparedError, match="ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.*"
+                       "downloads/manual, then run `python -m attn_flax.data.prepare imagenet2012"):
         data.dataset_info("imagenet2012", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="not an image-classification dataset"):
         data.dataset_info("glue/cola", data_dir=str(tmp_path))

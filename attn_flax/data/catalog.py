@@ -19,6 +19,7 @@ SUPPORTED_DATASETS = (offline.NAME, "cifar10", "cifar100", "imagenet2012")
 SMALL_IMAGE_MAX_SIDE = 64
 LARGE_IMAGE_SIZE = 224
 
+IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _STATISTICS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -63,19 +64,54 @@ def _default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
+def prepare_command(name: str, data_dir: str | None) -> str:
+    """The command that prepares `name` in `data_dir` in the format the pipelines read (no apache_beam)."""
+    return f"python -m attn_flax.data.prepare {_base_name(name)} --data_dir={data_dir or _default_data_dir()}"
+
+
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
     root = data_dir or _default_data_dir()
-    message = (
-        f"dataset {name!r} is not prepared in {root} and will not be downloaded here: on a machine with "
-        f"network run `tfds build {_base_name(name)} --data_dir={root}` (or pass data_dir= pointing at a "
-        f"prepared copy)"
-    )
     if _base_name(name) == "imagenet2012":
-        message += (
-            f"; ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
-            f"in {root}/downloads/manual and add --file_format=array_record (random access is required)"
-        )
-    return message
+        manual = os.path.join(root, "downloads", "manual")
+        found = [f for f in IMAGENET_ARCHIVES if os.path.exists(os.path.join(manual, f))]
+        where = (f"the archives are in {manual}" if len(found) == len(IMAGENET_ARCHIVES) else
+                 f"put {' and '.join(IMAGENET_ARCHIVES)} (the manual download from image-net.org) in {manual}")
+        return f"dataset {name!r} is not prepared in {root}: {where}, then run `{prepare_command(name, root)}`"
+    return (f"dataset {name!r} is not prepared in {root} and will not be downloaded here: on a machine with "
+            f"network run `{prepare_command(name, root)}` (or pass data_dir= pointing at a prepared copy)")
+
+
+def _split_files(builder: tfds.core.DatasetBuilder, split: str, file_format: str) -> list[str]:
+    info = builder.info.splits[split]
+    if info.filename_template is None:  # metadata written without files (tfds.testing.mock_data)
+        return []
+    template = info.filename_template.replace(filetype_suffix=file_format)
+    return [os.fspath(path) for path in template.sharded_filepaths(info.num_shards)]
+
+
+def check_readable(name: str, builder: tfds.core.DatasetBuilder, recipe: str, data_dir: str | None = None) -> None:
+    """Raises DatasetNotPreparedError (one line, with the command that fixes it) when a prepared dataset lacks
+    a split the pipelines read, the random-access files the 'large' recipe needs, or any of its shard files."""
+    root = data_dir or _default_data_dir()
+    splits = builder.info.splits
+    for split in ("train", eval_split_name(builder)):
+        if split not in splits or splits[split].num_examples == 0:
+            raise DatasetNotPreparedError(
+                f"dataset {name!r} in {builder.data_dir} has no {split!r} split (it was prepared without it, e.g. "
+                f"with an archive missing): delete that folder and run `{prepare_command(name, root)}`")
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if recipe == "large" and "array_record" not in formats:
+        raise DatasetNotPreparedError(
+            f"dataset {name!r} in {builder.data_dir} is stored as {'/'.join(sorted(formats))}, which cannot be read "
+            f"by random access: run `{prepare_command(name, root)}` to add array_record files (no apache_beam)")
+    file_format = "array_record" if recipe == "large" else builder.info.file_format.value
+    for split in ("train", eval_split_name(builder)):
+        missing = [f for f in _split_files(builder, split, file_format) if not os.path.exists(f)]
+        if missing:
+            raise DatasetNotPreparedError(
+                f"dataset {name!r} in {builder.data_dir} misses {len(missing)} of its {split!r} files (e.g. "
+                f"{os.path.basename(missing[0])}): copy them again, or delete that folder and run "
+                f"`{prepare_command(name, root)}`")
 
 
 def _check_features(name: str, builder: tfds.core.DatasetBuilder) -> None:
@@ -89,7 +125,7 @@ def _check_features(name: str, builder: tfds.core.DatasetBuilder) -> None:
 
 
 def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """Returns the TFDS builder for `name`, prepared; prepares the offline dataset on first use."""
+    """Returns the TFDS builder for `name`, prepared and readable; prepares the offline dataset on first use."""
     if _base_name(name) not in set(tfds.list_builders()):
         raise ValueError(
             f"unknown dataset {name!r}: supported are {', '.join(SUPPORTED_DATASETS)}, and any TFDS "
@@ -101,7 +137,13 @@ def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
         if _base_name(name) != offline.NAME:
             raise DatasetNotPreparedError(_not_prepared_message(name, data_dir))
         builder.download_and_prepare()
+    check_readable(name, builder, recipe_of(builder), data_dir)
     return builder
+
+
+def recipe_of(builder: tfds.core.DatasetBuilder) -> str:
+    """'small' for fixed-size square images up to 64 pixels (read into memory), else 'large' (random access)."""
+    return _recipe(tuple(builder.info.features["image"].shape))[0]
 
 
 def _recipe(image_shape: tuple) -> tuple[str, int]:
@@ -116,10 +158,22 @@ def eval_split_name(builder: tfds.core.DatasetBuilder) -> str:
     return "validation" if "validation" in builder.info.splits else "test"
 
 
-def info_from_builder(name: str, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
-    """Builds the `DatasetInfo` of a prepared builder."""
+def _image_size(name: str, recipe: str, native: int, image_size: int | None) -> int:
+    if image_size is None or image_size == native:
+        return native
+    if recipe == "small":
+        raise ValueError(f"image_size={image_size} applies to datasets read at {LARGE_IMAGE_SIZE} (ImageNet-style "
+                         f"crops); {name!r} is read at its native {native}x{native}: leave image_size unset")
+    if not 16 <= image_size <= 1024:
+        raise ValueError(f"image_size={image_size} must be between 16 and 1024 (the crop side the model sees; "
+                         f"{LARGE_IMAGE_SIZE} is the papers')")
+    return int(image_size)
+
+
+def info_from_builder(name: str, builder: tfds.core.DatasetBuilder, image_size: int | None = None) -> DatasetInfo:
+    """Builds the `DatasetInfo` of a prepared builder; `image_size` overrides the 'large' recipe's 224."""
     features = builder.info.features
-    recipe, image_size = _recipe(tuple(features["image"].shape))
+    recipe, native_size = _recipe(tuple(features["image"].shape))
     mean, std = _STATISTICS.get(_base_name(name), (IMAGENET_MEAN, IMAGENET_STD))
     eval_split = eval_split_name(builder)
     splits = builder.info.splits
@@ -128,7 +182,7 @@ def info_from_builder(name: str, builder: tfds.core.DatasetBuilder) -> DatasetIn
         num_classes=features["label"].num_classes,
         num_train_examples=splits["train"].num_examples,
         num_eval_examples=splits[eval_split].num_examples,
-        image_size=image_size,
+        image_size=_image_size(name, recipe, native_size, image_size),
         train_split="train",
         eval_split=eval_split,
         recipe=recipe,
@@ -138,10 +192,13 @@ def info_from_builder(name: str, builder: tfds.core.DatasetBuilder) -> DatasetIn
     )
 
 
-def dataset_info(name: str, *, data_dir: str | None = None) -> DatasetInfo:
+def dataset_info(name: str, *, data_dir: str | None = None, image_size: int | None = None) -> DatasetInfo:
     """Describes dataset `name` (a TFDS name, e.g. 'cifar10'); prepares the offline dataset if needed.
 
-    Raises ValueError for an unknown or non-classification dataset and DatasetNotPreparedError when
-    the files are missing and would need a download.
+    `image_size` (None: 224) sets the side of the crops of ImageNet-style datasets, e.g. 128 or 160 for
+    low-resolution training; fixed-size small datasets are read at their native size only.
+    Raises ValueError for an unknown or non-classification dataset or a bad image_size, and
+    DatasetNotPreparedError (one line, with the command that fixes it) when the files are missing, would
+    need a download, or are not in a format the pipelines read.
     """
-    return info_from_builder(name, load_builder(name, data_dir))
+    return info_from_builder(name, load_builder(name, data_dir), image_size)
