@@ -56,22 +56,22 @@ class DatasetInfo:
     class_names: tuple[str, ...]
 
 
-def _base_name(name: str) -> str:
+def base_name(name: str) -> str:
     return name.split(":")[0].split("/")[0]
 
 
-def _default_data_dir() -> str:
+def default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
 def prepare_command(name: str, data_dir: str | None) -> str:
     """The command that prepares `name` in `data_dir` in the format the pipelines read (no apache_beam)."""
-    return f"python -m attn_flax.data.prepare {_base_name(name)} --data_dir={data_dir or _default_data_dir()}"
+    return f"python -m attn_flax.data.prepare {base_name(name)} --data_dir={data_dir or default_data_dir()}"
 
 
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
-    root = data_dir or _default_data_dir()
-    if _base_name(name) == "imagenet2012":
+    root = data_dir or default_data_dir()
+    if base_name(name) == "imagenet2012":
         manual = os.path.join(root, "downloads", "manual")
         found = [f for f in IMAGENET_ARCHIVES if os.path.exists(os.path.join(manual, f))]
         where = (f"the archives are in {manual}" if len(found) == len(IMAGENET_ARCHIVES) else
@@ -89,17 +89,28 @@ def _split_files(builder: tfds.core.DatasetBuilder, split: str, file_format: str
     return [os.fspath(path) for path in template.sharded_filepaths(info.num_shards)]
 
 
+def random_access_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+    """The prepared dataset as written in its folder: unlike a registered builder, it knows the alternative
+    file formats recorded in dataset_info.json (array_record added next to tfrecord by `prepare`)."""
+    return tfds.builder_from_directory(builder.data_dir)
+
+
+def available_formats(builder: tfds.core.DatasetBuilder) -> set[str]:
+    """The file formats a prepared dataset's folder holds, e.g. {'tfrecord', 'array_record'}."""
+    return {f.value for f in random_access_builder(builder).info.available_file_formats()}
+
+
 def check_readable(name: str, builder: tfds.core.DatasetBuilder, recipe: str, data_dir: str | None = None) -> None:
     """Raises DatasetNotPreparedError (one line, with the command that fixes it) when a prepared dataset lacks
     a split the pipelines read, the random-access files the 'large' recipe needs, or any of its shard files."""
-    root = data_dir or _default_data_dir()
+    root = data_dir or default_data_dir()
     splits = builder.info.splits
     for split in ("train", eval_split_name(builder)):
         if split not in splits or splits[split].num_examples == 0:
             raise DatasetNotPreparedError(
                 f"dataset {name!r} in {builder.data_dir} has no {split!r} split (it was prepared without it, e.g. "
                 f"with an archive missing): delete that folder and run `{prepare_command(name, root)}`")
-    formats = {f.value for f in builder.info.available_file_formats()}
+    formats = available_formats(builder)
     if recipe == "large" and "array_record" not in formats:
         raise DatasetNotPreparedError(
             f"dataset {name!r} in {builder.data_dir} is stored as {'/'.join(sorted(formats))}, which cannot be read "
@@ -126,7 +137,7 @@ def _check_features(name: str, builder: tfds.core.DatasetBuilder) -> None:
 
 def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Returns the TFDS builder for `name`, prepared and readable; prepares the offline dataset on first use."""
-    if _base_name(name) not in set(tfds.list_builders()):
+    if base_name(name) not in set(tfds.list_builders()):
         raise ValueError(
             f"unknown dataset {name!r}: supported are {', '.join(SUPPORTED_DATASETS)}, and any TFDS "
             f"image-classification dataset (a registered name with 'image' and ClassLabel 'label' features)"
@@ -134,7 +145,7 @@ def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
     builder = tfds.builder(name, data_dir=data_dir)
     _check_features(name, builder)
     if not builder.is_prepared():
-        if _base_name(name) != offline.NAME:
+        if base_name(name) != offline.NAME:
             raise DatasetNotPreparedError(_not_prepared_message(name, data_dir))
         builder.download_and_prepare()
     check_readable(name, builder, recipe_of(builder), data_dir)
@@ -174,7 +185,7 @@ def info_from_builder(name: str, builder: tfds.core.DatasetBuilder, image_size: 
     """Builds the `DatasetInfo` of a prepared builder; `image_size` overrides the 'large' recipe's 224."""
     features = builder.info.features
     recipe, native_size = _recipe(tuple(features["image"].shape))
-    mean, std = _STATISTICS.get(_base_name(name), (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _STATISTICS.get(base_name(name), (IMAGENET_MEAN, IMAGENET_STD))
     eval_split = eval_split_name(builder)
     splits = builder.info.splits
     return DatasetInfo(

@@ -98,7 +98,8 @@ def _load_in_memory(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.n
 
 def _random_access(builder: tfds.core.DatasetBuilder, split: str):
     """A random-access source of {'image': encoded bytes, 'label'} records (array_record files)."""
-    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    return catalog.random_access_builder(builder).as_data_source(split=split,
+                                                               decoders={"image": tfds.decode.SkipDecoding()})
 
 
 @dataclasses.dataclass(frozen=True)
