@@ -76,8 +76,9 @@ def score() -> dict:
         dataset = FLAGS.dataset or config.dataset
         data_dir = FLAGS.data_dir or (config.get("data_dir") if config is not None else None)
         batch_size = FLAGS.batch_size or (config.eval_batch_size if config is not None else 256)
+    image_size = config.get("image_size") if config is not None else None
     metrics = evaluation.evaluate(loaded.model, loaded.variables, dataset, batch_size=batch_size,
-                                  data_dir=data_dir)
+                                  data_dir=data_dir, image_size=image_size)
     return {**metrics, "step": loaded.step, "dataset": dataset, "source": loaded.source}
 
 

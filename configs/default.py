@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.dataset = "attn_flax_shapes"
     config.data_dir = config_dict.placeholder(str)
+    config.image_size = config_dict.placeholder(int)  # crop side of ImageNet-style datasets; None: 224
     config.cache = False
 
     config.batch_size = 128

@@ -26,6 +26,7 @@ Expected top-1 error, ResNet-50 (CBAM paper, Table 4 / BAM paper): 24.56 none, 2
 CBAM paper's Table 4 (+CBAM improves it by a similar margin).
 """
 import ml_collections
+from ml_collections import config_dict
 
 from configs import cifar_base, default
 
@@ -35,8 +36,8 @@ def get_config(arch: str = "resnet50,cbam") -> ml_collections.ConfigDict:
     config.model, config.attention = cifar_base.parse_arch(arch)
     config.dataset = "imagenet2012"
     config.stem = "imagenet"
-    config.widths = None
-    config.stage_sizes = None
+    config.widths = config_dict.placeholder(tuple)  # None: the depth's own; e.g. --config.widths=(32,64,128,256)
+    config.stage_sizes = config_dict.placeholder(tuple)
     config.half_precision = True
     config.bn_group_size = 64
 

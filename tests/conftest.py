@@ -48,3 +48,24 @@ def free_port() -> int:
 def root(tmp_path_factory):
     """The folder of the tiny training workdirs the tool tests share (tests/tiny_runs.py)."""
     return tmp_path_factory.getbasetemp() / "tools"
+
+
+@pytest.fixture(scope="session")
+def imagenet_dir(tmp_path_factory) -> str:
+    """A TFDS directory with imagenet2012 prepared from fabricated archives in the real layout.
+
+    ILSVRC2012_img_train.tar (1,000 per-synset inner tars of one 40x48 JPEG each, plus the builder's 22 CMYK
+    JPEGs and its PNG named .JPEG as real CMYK and PNG files) and ILSVRC2012_img_val.tar (300 JPEGs named
+    ILSVRC2012_val_%08d.JPEG), prepared by `python -m attn_flax.data.prepare`'s code with TFDS's own builder.
+    """
+    from attn_flax.data import prepare, testing
+
+    root = tmp_path_factory.mktemp("imagenet")
+    counts = testing.write_imagenet_archives(str(root / "manual"), num_val=IMAGENET_NUM_VAL)
+    assert counts == {"train": IMAGENET_NUM_TRAIN, "validation": IMAGENET_NUM_VAL}
+    prepare.prepare("imagenet2012", data_dir=str(root / "tfds"), manual_dir=str(root / "manual"))
+    return str(root / "tfds")
+
+
+IMAGENET_NUM_TRAIN = 1000 + 22 + 1
+IMAGENET_NUM_VAL = 300

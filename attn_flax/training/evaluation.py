@@ -35,7 +35,8 @@ def compile_eval_step(model: nn.Module, mesh: jax.sharding.Mesh) -> EvalStep:
 
 
 def evaluate(model: nn.Module, variables: dict[str, Any], dataset: str, *, batch_size: int,
-             data_dir: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, float]:
+             data_dir: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None,
+             image_size: Optional[int] = None) -> dict[str, float]:
     """``eval_loss``, ``eval_accuracy``, ``eval_top5_accuracy`` (5+ classes) and ``eval_examples`` of ``model``.
 
     ``batch_size`` is global and must split evenly over the mesh's devices (ValueError otherwise); the dataset
@@ -43,7 +44,7 @@ def evaluate(model: nn.Module, variables: dict[str, Any], dataset: str, *, batch
     """
     mesh = mesh if mesh is not None else sharding.data_mesh()
     sharding.check_batch_size(batch_size, mesh)
-    info = data.dataset_info(dataset, data_dir=data_dir)
+    info = data.dataset_info(dataset, data_dir=data_dir, image_size=image_size)
     num_outputs = variables["params"]["head"]["kernel"].shape[-1]
     if num_outputs != info.num_classes:
         raise ValueError(f"the model has {num_outputs} outputs but {dataset} has {info.num_classes} classes; "
@@ -51,16 +52,16 @@ def evaluate(model: nn.Module, variables: dict[str, Any], dataset: str, *, batch
     state = jax.device_put(EvalState(variables["params"], variables.get("batch_stats", {})),
                            sharding.replicated(mesh))
     return evaluate_split(compile_eval_step(model, mesh), state, dataset, batch_size=batch_size, data_dir=data_dir,
-                          mesh=mesh, num_classes=info.num_classes)
+                          mesh=mesh, num_classes=info.num_classes, image_size=info.image_size)
 
 
 def evaluate_split(eval_step: EvalStep, state: Any, dataset: str, *, batch_size: int, data_dir: Optional[str],
-                   mesh: jax.sharding.Mesh, num_classes: int) -> dict[str, float]:
+                   mesh: jax.sharding.Mesh, num_classes: int, image_size: Optional[int] = None) -> dict[str, float]:
     """Runs ``eval_step`` (:func:`compile_eval_step`) over the whole split and summarises the sums."""
     batch_sharding = sharding.batch_sharded(mesh)
     totals = None
     for local in data.eval_batches(dataset, global_batch_size=batch_size, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), data_dir=data_dir):
+                                   process_count=jax.process_count(), data_dir=data_dir, image_size=image_size):
         sums = eval_step(state, sharding.global_batch(local, batch_sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}

@@ -70,7 +70,8 @@ def train_batches(run: setup.Run, start_step: int) -> Iterator[dict[str, np.ndar
     config = run.config
     return iter(data.train_batches(config.dataset, global_batch_size=config.batch_size, seed=config.seed,
                                    start_step=start_step, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), data_dir=config.data_dir, cache=config.cache))
+                                   process_count=jax.process_count(), data_dir=config.data_dir, cache=config.cache,
+                                   image_size=run.info.image_size))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Optional[setup.Run] = None
@@ -188,7 +189,8 @@ def _evaluate(run: setup.Run, compiled: Compiled, state: TrainState, step: int, 
     """Scores the whole eval split with the run's compiled eval step, and reports it."""
     config = run.config
     result = evaluation.evaluate_split(compiled.eval_step, state, config.dataset, batch_size=config.eval_batch_size,
-                                       data_dir=config.data_dir, mesh=run.mesh, num_classes=run.info.num_classes)
+                                       data_dir=config.data_dir, mesh=run.mesh, num_classes=run.info.num_classes,
+                                       image_size=run.info.image_size)
     out.writer.write(step, result)
     out.progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in result.items()))

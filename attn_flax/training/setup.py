@@ -73,7 +73,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     config_checks.check_values(config)
     try:
         build_model(config, num_classes=2)  # a bad model or attention is reported before the dataset is touched
-        info = data.dataset_info(config.dataset, data_dir=config.data_dir)
+        info = data.dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.get("image_size"))
         model = build_model(config, info.num_classes)
         mesh = sharding.data_mesh()
         _check_topology(config, mesh)
