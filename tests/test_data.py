@@ -247,3 +247,96 @@ def test_unprepared_dataset_says_what_to_do(tmp_path):
         data.dataset_info("imagenet2012", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="not an image-classification dataset"):
         data.dataset_info("glue/cola", data_dir=str(tmp_path))
+
+
+# --- The Grain streams on a real prepared ImageNet (fabricated archives, TFDS's builder; conftest.imagenet_dir) ---
+
+def _imagenet_train(imagenet_dir, **kwargs):
+    return data.train_batches("imagenet2012", data_dir=imagenet_dir, image_size=32, global_batch_size=6, seed=11,
+                              **kwargs)
+
+
+def test_imagenet_resumed_streams_equal_uninterrupted(imagenet_dir):
+    """From start_step and from Grain's saved iterator state: the same batches as the uninterrupted stream."""
+    full = _take(_imagenet_train(imagenet_dir, with_index=True), 5)
+    from_step = _take(_imagenet_train(imagenet_dir, with_index=True, start_step=3), 2)
+    stream = _imagenet_train(imagenet_dir, with_index=True)
+    _take(stream, 3)
+    state = stream.get_state()
+    restored = _imagenet_train(imagenet_dir, with_index=True)
+    restored.set_state(state)
+    for resumed in (from_step, _take(restored, 2)):
+        for a, b in zip(full[3:], resumed):
+            for key in ("image", "label", "index"):
+                np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(full[3]["index"], full[4]["index"])
+
+
+def test_small_dataset_grain_state_resumes_exactly(mocked):
+    stream = data.train_batches("cifar10", global_batch_size=4, seed=5)
+    _take(stream, 2)
+    state = stream.get_state()
+    expected = _take(stream, 2)
+    restored = data.train_batches("cifar10", global_batch_size=4, seed=5)
+    restored.set_state(state)
+    for a, b in zip(expected, _take(restored, 2)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_imagenet_process_shares_form_the_global_batch(imagenet_dir):
+    whole = _take(_imagenet_train(imagenet_dir, with_index=True), 2)
+    shares = [_take(_imagenet_train(imagenet_dir, with_index=True, process_index=p, process_count=3), 2)
+              for p in range(3)]
+    for b, *parts in zip(whole, *shares):
+        for key in ("image", "label", "index"):
+            np.testing.assert_array_equal(b[key], np.concatenate([p[key] for p in parts]))
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_imagenet_eval_covers_each_example_once(imagenet_dir, process_count):
+    """300 validation images in global batches of 42 (8 batches, the last padded): each image exactly once over
+    the processes, every process the same number of batches, the shares concatenating to the 1-process batch."""
+    def batches(p, count):
+        return list(data.eval_batches("imagenet2012", global_batch_size=42, data_dir=imagenet_dir, image_size=32,
+                                      process_index=p, process_count=count, with_index=True))
+
+    shares = [batches(p, process_count) for p in range(process_count)]
+    assert {len(s) for s in shares} == {8}
+    seen = [i for share in shares for b in share for i in b["index"][b["mask"]]]
+    assert sorted(seen) == list(range(300))
+    labels = catalog.random_access_builder(catalog.load_builder("imagenet2012", imagenet_dir)).as_data_source(
+        split="validation", decoders={"image": tfds.decode.SkipDecoding()})
+    for share in shares:
+        for b in share:
+            assert b["image"].shape == (42 // process_count, 32, 32, 3)
+            assert b["label"].tolist() == [labels[int(i)]["label"] for i in b["index"]]
+    if process_count > 1:
+        single = batches(0, 1)
+        for b, parts in zip(single, zip(*shares)):
+            np.testing.assert_array_equal(b["image"], np.concatenate([p["image"] for p in parts]))
+
+
+def test_imagenet_batches_do_not_depend_on_threads_or_worker_processes(imagenet_dir):
+    """Two Grain worker processes decode exactly the batches the reader threads of this process decode."""
+    threads = _take(_imagenet_train(imagenet_dir, start_step=2), 3)
+    stream = _imagenet_train(imagenet_dir, start_step=2, workers=2)
+    try:
+        workers = _take(stream, 3)
+    finally:
+        stream.close()
+    for a, b in zip(threads, workers):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_imagenet_views_are_the_decoders_output_normalised(imagenet_dir):
+    """A training example is `jpeg.decode_random_crop` of its record at its stream position, normalised."""
+    batch = next(_imagenet_train(imagenet_dir, with_index=True, start_step=1))
+    source = catalog.random_access_builder(catalog.load_builder("imagenet2012", imagenet_dir)).as_data_source(
+        split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    for slot in (0, 5):
+        record = source[int(batch["index"][slot])]
+        pixels = jpeg.decode_random_crop(record["image"], 11, 6 + slot, 32)
+        expected = preprocess.normalise(pixels, catalog.IMAGENET_MEAN, catalog.IMAGENET_STD)
+        np.testing.assert_array_equal(batch["image"][slot], expected)
+        assert batch["label"][slot] == record["label"]

@@ -90,9 +90,15 @@ def _split_files(builder: tfds.core.DatasetBuilder, split: str, file_format: str
 
 
 def random_access_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-    """The prepared dataset as written in its folder: unlike a registered builder, it knows the alternative
-    file formats recorded in dataset_info.json (array_record added next to tfrecord by `prepare`)."""
-    return tfds.builder_from_directory(builder.data_dir)
+    """The builder whose `as_data_source` reads array_record: `builder` itself when that is its format, else the
+    prepared folder read back (`tfds.builder_from_directory`), which, unlike a registered builder, knows the
+    alternative formats dataset_info.json records (array_record added next to tfrecord by `prepare`)."""
+    if builder.info.file_format is not None and builder.info.file_format.value == "array_record":
+        return builder
+    try:
+        return tfds.builder_from_directory(builder.data_dir)
+    except (ValueError, FileNotFoundError):  # no features.json: nothing beyond the registered builder's format
+        return builder
 
 
 def available_formats(builder: tfds.core.DatasetBuilder) -> set[str]:
