@@ -1,105 +1,87 @@
-"""ImageNet-style views of encoded images in Pillow and NumPy: random-area crop for training, centre crop for eval.
+"""ImageNet-style views of encoded images in TensorFlow: random-area crop for training, centre crop for eval.
 
-Both views read only the window they need: the crop box is computed from the image header, the JPEG is decoded
-at the smallest DCT scale (1, 1/2, 1/4, 1/8; Pillow's `draft`) that still covers the box at the output size,
-and the box is resized straight to `size` x `size` (bilinear, antialiased on downscaling: the filter of the
-official PyTorch recipe, torchvision's `RandomResizedCrop` / `Resize` on PIL images). Evaluation takes the
-window that "resize the shorter side to 256, take the central 224" would keep, without materialising the
-256-side image. Training randomness (Szegedy et al., 2015: area 8-100 %, aspect ratio 3/4-4/3, 10 attempts,
-then the whole image; flip half) comes from a counter-based hash of (seed, stream position), so an example's
-view is a pure function of where it sits in the stream and a resumed stream repeats it exactly.
-
-No TensorFlow here: this module runs in Grain's reader threads and worker processes, and Pillow releases the
-GIL while it decodes and resizes.
+Both views decode only the window they keep (`tf.image.decode_and_crop_jpeg`: rows below the window are not
+decoded, columns outside it are not transformed) and resize it straight to `size` x `size` with bicubic
+interpolation: the views of the Flax ImageNet example, whose pipeline is the throughput reference
+(`attn_flax.data.benchmark`). Training: a window of 8-100 % of the area at aspect ratio 3/4-4/3 (Szegedy et
+al., 2015; `sample_distorted_bounding_box`, 10 attempts, then the whole image), flipped half the time; all of
+its randomness is stateless, seeded by (seed, stream position), so an example's view is a pure function of
+where it sits in the stream and a resumed stream repeats it exactly. Evaluation: the central square of side
+224/256 of the shorter side, i.e. the window "resize the shorter side to 256, take the central 224" keeps.
+Non-JPEG encodings (PNG datasets on the generic path) are decoded whole, then cropped.
 """
 from __future__ import annotations
 
-import io
-import math
+from typing import Sequence
 
-import numpy as np
-from PIL import Image
-
-from attn_flax.data import preprocess
+import tensorflow as tf
 
 AREA_RANGE = (0.08, 1.0)
 ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
-MAX_ATTEMPTS = 10
 EVAL_RESIZE = 256
 EVAL_CROP = 224
-
-Box = tuple[float, float, float, float]
-"""A window of the image as (left, top, right, bottom) in pixels, Pillow's order."""
+RESIZE_METHOD = "bicubic"
 
 
-def _uniform(seed: int, position: int, stream: int) -> float:
-    """A float in [0, 1) that depends only on (seed, position, stream)."""
-    bits = preprocess.random_bits(seed, np.array([position], np.int64), stream)[0]
-    return float(bits >> np.uint64(11)) * 2.0 ** -53
+def _shape(encoded: tf.Tensor, is_jpeg: bool) -> tf.Tensor:
+    if is_jpeg:
+        return tf.image.extract_jpeg_shape(encoded)[:2]
+    return tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2]
 
 
-def random_crop_box(width: int, height: int, seed: int, position: int) -> Box:
-    """The training window: 8-100 % of the area at aspect ratio 3/4-4/3, placed uniformly at random.
-
-    Up to 10 (area, ratio) draws; the first that fits inside the image wins, else the whole image (as
-    `tf.image.sample_distorted_bounding_box` and the Flax example fall back).
-    """
-    log_low, log_high = math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])
-    for attempt in range(MAX_ATTEMPTS):
-        stream = 16 + 4 * attempt
-        area = width * height * (AREA_RANGE[0] + (AREA_RANGE[1] - AREA_RANGE[0]) * _uniform(seed, position, stream))
-        ratio = math.exp(log_low + (log_high - log_low) * _uniform(seed, position, stream + 1))
-        crop_width = round(math.sqrt(area * ratio))
-        crop_height = round(math.sqrt(area / ratio))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            left = math.floor(_uniform(seed, position, stream + 2) * (width - crop_width + 1))
-            top = math.floor(_uniform(seed, position, stream + 3) * (height - crop_height + 1))
-            return float(left), float(top), float(left + crop_width), float(top + crop_height)
-    return 0.0, 0.0, float(width), float(height)
+def _decode_window(encoded: tf.Tensor, window: tf.Tensor, is_jpeg: bool) -> tf.Tensor:
+    """The [top, left, height, width] window of the image as uint8 RGB, decoding as little as the format allows."""
+    if is_jpeg:
+        return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
 
 
-def center_crop_box(width: int, height: int, size: int = EVAL_CROP) -> Box:
-    """The window kept by "resize the shorter side to round(size * 256 / 224), take the central size x size"."""
-    side = min(width, height) * size / round(size * EVAL_RESIZE / EVAL_CROP)
-    left, top = (width - side) / 2.0, (height - side) / 2.0
-    return left, top, left + side, top + side
+def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """[top, left, height, width] of a crop covering 8-100% of the area with aspect ratio 3/4-4/3."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.concat([image_shape, [3]], 0),
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+        seed=seed,
+        min_object_covered=0.1,
+        aspect_ratio_range=ASPECT_RANGE,
+        area_range=AREA_RANGE,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
-def flips(seed: int, position: int) -> bool:
-    """Whether the training view at this stream position is mirrored left-right (half of them)."""
-    return _uniform(seed, position, 2) >= 0.5
+def center_crop_window(image_shape: tf.Tensor, size: int = EVAL_CROP) -> tf.Tensor:
+    """[top, left, side, side] of the central square of side size/round(size*256/224) of the shorter side."""
+    height, width = image_shape[0], image_shape[1]
+    fraction = size / round(size * EVAL_RESIZE / EVAL_CROP)
+    side = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
 
 
-def _open(encoded: bytes) -> Image.Image:
-    try:
-        return Image.open(io.BytesIO(encoded))
-    except Exception as error:  # Pillow raises UnidentifiedImageError, OSError, ...
-        raise ValueError(f"an example's image could not be decoded ({error}); the dataset files may be "
-                         "corrupt: prepare it again") from None
+def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Bicubic resize to size x size, clipped to the pixel range (bicubic overshoots near sharp edges)."""
+    return tf.clip_by_value(tf.image.resize(image, [size, size], method=RESIZE_METHOD), 0.0, 255.0)
 
 
-def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
-    """`box` of `image` resized to size x size RGB uint8, decoding a JPEG at the coarsest DCT scale that keeps
-    at least `size` pixels across the box (Pillow's `draft`)."""
-    width, height = image.size
-    left, top, right, bottom = box
-    wanted = (math.ceil(width * size / (right - left)), math.ceil(height * size / (bottom - top)))
-    if image.format == "JPEG":
-        image.draft(image.mode, wanted)
-    scale_x, scale_y = image.size[0] / width, image.size[1] / height
-    image = image.convert("RGB")
-    scaled = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
-    return np.asarray(image.resize((size, size), Image.BILINEAR, box=scaled))
+def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int, is_jpeg: bool = True) -> tf.Tensor:
+    """Training view: the random-area window decoded, resized to size x size (float32), flipped half the time;
+    `seed` is a [2] int64 tensor, e.g. (run seed, stream position)."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    window = random_crop_window(_shape(encoded, is_jpeg), crop_seed)
+    image = _resize(_decode_window(encoded, window, is_jpeg), size)
+    return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
-def decode_random_crop(encoded: bytes, seed: int, position: int, size: int) -> np.ndarray:
-    """Training view of one encoded image: random-area crop resized to size x size, flipped half the time."""
-    image = _open(encoded)
-    pixels = crop_resize(image, random_crop_box(*image.size, seed, position), size)
-    return pixels[:, ::-1] if flips(seed, position) else pixels
+def decode_center_crop(encoded: tf.Tensor, size: int, is_jpeg: bool = True) -> tf.Tensor:
+    """Evaluation view: the central window decoded and resized to size x size (float32)."""
+    window = center_crop_window(_shape(encoded, is_jpeg), size)
+    return _resize(_decode_window(encoded, window, is_jpeg), size)
 
 
-def decode_center_crop(encoded: bytes, size: int) -> np.ndarray:
-    """Evaluation view of one encoded image: the central crop of the 256-side resize, as size x size uint8."""
-    image = _open(encoded)
-    return crop_resize(image, center_crop_box(*image.size, size), size)
+def normalise(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """(pixels / 255 - mean) / std per channel, float32."""
+    scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)
+    offset = tf.constant([m / s for m, s in zip(mean, std)], tf.float32)
+    return tf.cast(image, tf.float32) * scale - offset

@@ -2,39 +2,40 @@
 
 Both streams are index based (see `order`): each batch is a pure function of (seed, step, process), so a
 stream started at step k equals the uninterrupted stream from step k on, and evaluation covers every example
-exactly once with masked padding. Each stream is a Grain `MapDataset` whose element i is batch i, so Grain's
-reader threads (and, on request, worker processes) compute batches in parallel while the order stays fixed,
-whatever the number of threads or workers; the iterator's Grain state (`Batches.get_state`) restores it too.
+exactly once with masked padding. Each stream is a Grain `MapDataset` whose element i is this process's share
+of batch i, computed by Grain's reader threads a few batches ahead; the order never depends on the threads.
+`Batches.get_state()` / `set_state()` save and restore a stream's position.
 
 - Small fixed-size datasets (CIFAR, the offline dataset) are read once into memory as uint8; a batch is
-  gathered and augmented (pad-crop-flip) in vectorised NumPy, a few threads ahead of the consumer.
-- Large datasets (ImageNet) are read by random access from TFDS's array_record files (`tfds.data_source`);
-  each example is decoded in Pillow at the crop it needs (`jpeg`) and normalised, in Grain's reader threads
-  (Pillow and NumPy release the GIL) or in `workers` processes. Each process reads only its own examples.
+  gathered and augmented (pad-crop-flip) in vectorised NumPy.
+- Large datasets (ImageNet): Grain reads each batch's records by random access from TFDS's array_record
+  files (`tfds.data_source`, only this process's examples); their JPEGs are decoded at the window each view
+  keeps (`jpeg`) in an order-preserving tf.data map, whose C++ threads decode in parallel without the GIL.
+  Decoding in Grain instead (Pillow in its reader threads or worker processes) was measured at about 2x the
+  CPU time per image (docs/data.md), so Grain does what it is good at here: random access, per-process
+  sharding, prefetching and position; tf.data does the per-image decoding.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Any, Iterator
 
 import grain
 import numpy as np
-from absl import flags
 import tensorflow_datasets as tfds
 
 from attn_flax.data import catalog, jpeg, order, preprocess
 
 SMALL_READ_THREADS = 2
+RECORD_READ_THREADS = 2
 PREFETCH_BATCHES = 4
 _PAD_FRACTION = 8
-WORKERS_ENV = "ATTN_FLAX_DATA_WORKERS"
 
 
 class Batches(Iterator[dict]):
     """An iterator of batch dicts over a Grain iterator: `len` (for progress bars, None when infinite),
-    `get_state`/`set_state` (Grain's checkpointable position) and `close` (stops reader threads and workers)."""
+    `get_state`/`set_state` (the stream's position, to save and restore) and `close` (stops the reader threads)."""
 
     def __init__(self, iterator: grain.DatasetIterator, num_batches: int | None):
         self._iterator = iterator
@@ -64,29 +65,11 @@ class Batches(Iterator[dict]):
             close()
 
 
-def _num_workers(workers: int | None) -> int:
-    if workers is None:
-        workers = int(os.environ.get(WORKERS_ENV, "0") or 0)
-    if workers < 0:
-        raise ValueError(f"workers={workers} must be 0 (decode in threads of this process) or a number of processes")
-    return workers
-
-
-def _read_threads() -> int:
-    return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
-
-
-def _iterate(dataset: grain.MapDataset, num_threads: int, workers: int) -> grain.DatasetIterator:
-    """Batch i of `dataset` is computed by one of `num_threads` threads (in each of `workers` processes, when
-    there are any); the iterator yields batches in index order, at most a few ahead of the consumer."""
-    threads = max(1, num_threads // max(workers, 1))
-    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                         prefetch_buffer_size=max(PREFETCH_BATCHES, 2 * threads)))
-    if workers:
-        if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when it starts workers; no script parsed them
-            flags.FLAGS.mark_as_parsed()
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-    return iter(iterable)
+def _iterate(dataset: grain.MapDataset, num_threads: int) -> grain.DatasetIterator:
+    """Element i of `dataset` is computed by one of `num_threads` threads; the iterator yields the elements in
+    index order, at most a few ahead of the consumer."""
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                          prefetch_buffer_size=max(PREFETCH_BATCHES, num_threads))))
 
 
 def _load_in_memory(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -116,11 +99,6 @@ class _Layout:
 
     def positions(self, step: int) -> np.ndarray:
         return order.batch_positions(step, self.global_batch_size, self.process_index, self.process_count)
-
-    def position(self, element: int) -> int:
-        """Stream position of this process's `element`-th example (slot element % local of batch element // local)."""
-        step, slot = divmod(element, self.local_batch_size)
-        return step * self.global_batch_size + self.process_index * self.local_batch_size + slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,41 +148,108 @@ class _SmallEvalBatch:
 
 
 @dataclasses.dataclass(frozen=True)
-class _DecodedExample:
-    """Element number -> one decoded, normalised example of this process's stream (train or eval view)."""
+class _RecordBatch:
+    """Step (training) or batch number (evaluation) -> this process's encoded records, in slot order."""
 
     source: Any
     layout: _Layout
-    info: catalog.DatasetInfo
-    dtype: Any
     train_order: order.TrainOrder | None = None  # None: evaluation (every example once, then masked padding)
-    seed: int = 0
 
-    def __call__(self, element: int) -> dict:
-        position = self.layout.position(element)
+    def __call__(self, step: int) -> dict:
+        positions = self.layout.positions(step)
         if self.train_order is not None:
-            index = int(self.train_order.indices(np.array([position]))[0])
-            valid = True
+            indices, valid = self.train_order.indices(positions), np.ones(len(positions), bool)
         else:
-            index, valid = min(position, len(self.source) - 1), position < len(self.source)
-        record = self.source[index]
-        if self.train_order is not None:
-            pixels = jpeg.decode_random_crop(record["image"], self.seed, position, self.info.image_size)
-        else:
-            pixels = jpeg.decode_center_crop(record["image"], self.info.image_size)
-        return {"image": preprocess.normalise(pixels, self.info.mean, self.info.std, self.dtype),
-                "label": np.int32(record["label"]), "mask": valid, "index": np.int64(index)}
+            indices, valid = order.eval_positions(step, self.layout.global_batch_size, self.layout.process_index,
+                                                  self.layout.process_count, len(self.source))
+        records = [self.source[int(i)] for i in indices]
+        return {"encoded": np.array([r["image"] for r in records], dtype=object),
+                "label": np.array([r["label"] for r in records], np.int32), "position": positions,
+                "index": indices.astype(np.int64), "mask": valid}
 
 
-def _without(keys: tuple[str, ...]):
-    def drop(batch: dict) -> dict:
-        return {k: v for k, v in batch.items() if k not in keys}
-    return drop
+_RECORD_SIGNATURE = {"encoded": ("string", None), "label": ("int32", None), "position": ("int64", None),
+                     "index": ("int64", None), "mask": ("bool", None)}
+
+
+def _decoded_batches(records: Iterator[dict], view, local_batch: int, info: catalog.DatasetInfo, dtype,
+                     keys: tuple[str, ...]) -> Iterator[dict]:
+    """Decodes the record batches' images in a parallel, order-preserving tf.data map; yields NumPy batches."""
+    import tensorflow as tf
+
+    signature = {k: tf.TensorSpec([None], getattr(tf, t)) for k, (t, _) in _RECORD_SIGNATURE.items()}
+    dataset = tf.data.Dataset.from_generator(lambda: records, output_signature=signature).unbatch()
+
+    def decode(example):
+        image = jpeg.normalise(view(example["encoded"], example["position"]), info.mean, info.std)
+        return {"image": image, **{k: example[k] for k in keys}}
+
+    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    for batch in dataset.with_options(options).as_numpy_iterator():
+        batch["image"] = batch["image"].astype(dtype, copy=False)
+        yield batch
+
+
+class _LargeBatches(Batches):
+    """Grain's record stream from a step on, decoded by tf.data; its state is the number of the next batch."""
+
+    def __init__(self, make, first: int, num_batches: int | None):
+        self._make, self._next = make, first
+        super().__init__(make(first), num_batches)
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_batch": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.close()
+        self._next = int(state["next_batch"])
+        self._iterator = self._make(self._next)
+
+    def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def _large_batches(source, layout: _Layout, info: catalog.DatasetInfo, dtype, is_jpeg: bool, first: int,
+                   num_batches: int | None, train_order: order.TrainOrder | None, seed: int,
+                   keys: tuple[str, ...]) -> Batches:
+    import tensorflow as tf
+
+    if train_order is not None:
+        def view(encoded, position):
+            return jpeg.decode_random_crop(encoded, tf.stack([tf.constant(seed, tf.int64), position]),
+                                           info.image_size, is_jpeg)
+    else:
+        def view(encoded, position):
+            del position
+            return jpeg.decode_center_crop(encoded, info.image_size, is_jpeg)
+
+    stop = num_batches if num_batches is not None else sys.maxsize // (2 * layout.global_batch_size)
+    read = _RecordBatch(source, layout, train_order)
+
+    def make(start: int) -> Iterator[dict]:
+        records = _iterate(grain.MapDataset.range(start, stop).map(read), RECORD_READ_THREADS)
+        return _decoded_batches(records, view, layout.local_batch_size, info, dtype, keys)
+
+    return _LargeBatches(make, first, num_batches)
+
+
+def _is_jpeg(builder: tfds.core.DatasetBuilder) -> bool:
+    return getattr(builder.info.features["image"], "encoding_format", None) == "jpeg"
 
 
 def train_batches(name: str, *, global_batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, data_dir: str | None = None, cache: bool = False, dtype=np.float32,
-                  with_index: bool = False, image_size: int | None = None, workers: int | None = None) -> Batches:
+                  with_index: bool = False, image_size: int | None = None) -> Batches:
     """Infinite training stream of this process's share of each global batch, from `start_step` on.
 
     Yields {'image': [B/P, S, S, 3] `dtype` normalised, 'label': [B/P] int32} (plus 'index', the
@@ -213,14 +258,13 @@ def train_batches(name: str, *, global_batch_size: int, seed: int, start_step: i
     epochs); augmentation is seeded by (seed, stream position). The stream started at step k is
     therefore exactly the uninterrupted stream from step k on, for the same `process_count`, and the
     processes' shares concatenated in process order form the single-process global batch.
-    `image_size` sets the crop side of ImageNet-style datasets (see `dataset_info`). `workers` Grain
-    processes decode ImageNet-style examples (default: $ATTN_FLAX_DATA_WORKERS, else 0: threads of this
-    process); the batches do not depend on it. `cache` is accepted for interface stability: small datasets
-    are always held in memory and large ones are read by random access, so there is nothing to cache.
+    `image_size` sets the crop side of ImageNet-style datasets (see `dataset_info`). `cache` is accepted
+    for interface stability: small datasets are always held in memory and large ones are read by random
+    access, so there is nothing to cache.
     """
     del cache
     layout = _Layout(global_batch_size, process_index, process_count)
-    local_batch = layout.local_batch_size
+    order.local_batch_size(global_batch_size, process_count)
     builder = catalog.load_builder(name, data_dir)
     info = catalog.info_from_builder(name, builder, image_size)
     endless = sys.maxsize // (2 * global_batch_size)
@@ -230,13 +274,12 @@ def train_batches(name: str, *, global_batch_size: int, seed: int, start_step: i
         make = _SmallTrainBatch(images, labels, order.TrainOrder(seed, len(labels)), layout, info, seed, dtype,
                                 with_index)
         dataset = grain.MapDataset.range(start_step, endless).map(make)
-        return Batches(_iterate(dataset, SMALL_READ_THREADS, 0), None)
+        return Batches(_iterate(dataset, SMALL_READ_THREADS), None)
 
     source = _random_access(builder, info.train_split)
-    decode = _DecodedExample(source, layout, info, dtype, order.TrainOrder(seed, len(source)), seed)
-    dataset = (grain.MapDataset.range(start_step * local_batch, endless * local_batch).map(decode)
-               .batch(local_batch).map(_without(("mask",) if with_index else ("mask", "index"))))
-    return Batches(_iterate(dataset, _read_threads(), _num_workers(workers)), None)
+    keys = ("label", "index") if with_index else ("label",)
+    return _large_batches(source, layout, info, dtype, _is_jpeg(builder), start_step, None,
+                          order.TrainOrder(seed, len(source)), seed, keys)
 
 
 def num_eval_batches(name: str, *, global_batch_size: int, data_dir: str | None = None) -> int:
@@ -247,7 +290,7 @@ def num_eval_batches(name: str, *, global_batch_size: int, data_dir: str | None 
 
 def eval_batches(name: str, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
                  data_dir: str | None = None, dtype=np.float32, with_index: bool = False,
-                 image_size: int | None = None, workers: int | None = None) -> Batches:
+                 image_size: int | None = None) -> Batches:
     """One pass over the evaluation split: every example exactly once over all processes.
 
     Yields {'image', 'label', 'mask'} with 'mask' bool, True for real examples; every process yields
@@ -267,11 +310,9 @@ def eval_batches(name: str, *, global_batch_size: int, process_index: int = 0, p
         num_batches = order.num_eval_batches_for(len(labels), global_batch_size)
         dataset = grain.MapDataset.range(num_batches).map(
             _SmallEvalBatch(images, labels, layout, info, dtype, with_index))
-        return Batches(_iterate(dataset, SMALL_READ_THREADS, 0), num_batches)
+        return Batches(_iterate(dataset, SMALL_READ_THREADS), num_batches)
 
     source = _random_access(builder, info.eval_split)
     num_batches = order.num_eval_batches_for(len(source), global_batch_size)
-    dataset = (grain.MapDataset.range(num_batches * layout.local_batch_size)
-               .map(_DecodedExample(source, layout, info, dtype)).batch(layout.local_batch_size)
-               .map(_without(() if with_index else ("index",))))
-    return Batches(_iterate(dataset, _read_threads(), _num_workers(workers)), num_batches)
+    keys = ("label", "mask", "index") if with_index else ("label", "mask")
+    return _large_batches(source, layout, info, dtype, _is_jpeg(builder), 0, num_batches, None, 0, keys)
