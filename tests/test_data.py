@@ -312,11 +312,13 @@ def test_imagenet_views_are_the_decoders_output_normalised(imagenet_dir):
         assert batch["label"][slot] == record["label"]
 
 
-def test_normalise_lookup_equals_float_arithmetic():
+def test_normalise_equals_broadcast_float_arithmetic():
     pixels = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
     mean, std = catalog.IMAGENET_MEAN, catalog.IMAGENET_STD
     expected = (pixels.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
     np.testing.assert_allclose(preprocess.normalise(pixels, mean, std), expected, atol=1e-6)
+    scale, offset = preprocess._scale_offset(mean, std)
+    np.testing.assert_array_equal(preprocess.normalise(pixels, mean, std), pixels.astype(np.float32) * scale - offset)
     np.testing.assert_allclose(preprocess.normalise(pixels[:, ::-1], mean, std), expected[:, ::-1], atol=1e-6)
     import ml_dtypes
     half = preprocess.normalise(pixels, mean, std, ml_dtypes.bfloat16)

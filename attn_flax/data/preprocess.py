@@ -57,26 +57,18 @@ def _scale_offset(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarr
     return scale, offset
 
 
-def normalisation_table(mean: Sequence[float], std: Sequence[float], dtype=np.float32) -> np.ndarray:
-    """[256, C] table of (v / 255 - mean_c) / std_c for every uint8 value v, computed in float32, as `dtype`."""
-    scale, offset = _scale_offset(mean, std)
-    return (np.arange(256, dtype=np.float32)[:, None] * scale - offset).astype(dtype)
-
-
 def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float], dtype=np.float32) -> np.ndarray:
     """(pixels / 255 - mean) / std per channel, computed in float32 and returned as `dtype`.
 
-    uint8 pixels go through a per-channel lookup table (one gather per channel instead of a cast, a multiply
-    and a subtract over the whole array: about 2x faster, and the values are the same).
+    Computed as pixels * scale - offset over rows of W*C values with scale and offset tiled to the row: the same
+    float32 operations as broadcasting the C-vectors, but NumPy's inner loop then runs over W*C contiguous
+    values instead of C (about 8x faster for C = 3).
     """
+    scale, offset = _scale_offset(mean, std)
     pixels = np.ascontiguousarray(images)
-    if pixels.dtype != np.uint8:
-        scale, offset = _scale_offset(mean, std)
-        return (pixels.astype(np.float32) * scale - offset).astype(dtype, copy=False)
-    table = normalisation_table(mean, std, dtype)
-    channels = pixels.shape[-1]
-    flat = pixels.reshape(-1, channels)
-    out = np.empty(flat.shape, table.dtype)
-    for c in range(channels):
-        np.take(table[:, c], flat[:, c], out=out[:, c])
-    return out.reshape(pixels.shape)
+    width = pixels.shape[-2] if pixels.ndim >= 2 else 1
+    out = pixels.reshape(-1, width * pixels.shape[-1]).astype(np.float32)
+    out *= np.tile(scale, width)
+    out -= np.tile(offset, width)
+    out = out.reshape(pixels.shape)
+    return out if out.dtype == np.dtype(dtype) else out.astype(dtype)
