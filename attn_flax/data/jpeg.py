@@ -61,8 +61,9 @@ def center_crop_window(image_shape: tf.Tensor, size: int = EVAL_CROP) -> tf.Tens
 
 
 def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Bicubic resize to size x size, clipped to the pixel range (bicubic overshoots near sharp edges)."""
-    return tf.clip_by_value(tf.image.resize(image, [size, size], method=RESIZE_METHOD), 0.0, 255.0)
+    """Bicubic resize to size x size, float32; like the reference, not clipped (bicubic overshoots 0-255 a little
+    near sharp edges; clipping costs about 8% of the view's CPU time)."""
+    return tf.image.resize(image, [size, size], method=RESIZE_METHOD)
 
 
 def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int, is_jpeg: bool = True) -> tf.Tensor:

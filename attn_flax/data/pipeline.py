@@ -188,6 +188,7 @@ def _decoded_batches(records: Iterator[dict], view, local_batch: int, info: cata
     dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1  # parallel over images, not inside one image's ops
     for batch in dataset.with_options(options).as_numpy_iterator():
         batch["image"] = batch["image"].astype(dtype, copy=False)
         yield batch
