@@ -56,11 +56,11 @@ def draw() -> list[str]:
             raise trained.LoadError(f"the baseline was trained on {runs[1].config.dataset}, the model on "
                                     f"{runs[0].config.dataset}; compare runs on the same dataset")
     config = runs[0].config
-    info = data.dataset_info(config.dataset, data_dir=config.data_dir)
+    info = data.dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.get("image_size"))
     if not 0 < FLAGS.num_images <= info.num_eval_examples:
         raise ValueError(f"--num_images must be between 1 and {info.num_eval_examples} (the eval split's size)")
     batch = next(iter(data.eval_batches(config.dataset, global_batch_size=FLAGS.num_images,
-                                        data_dir=config.data_dir)))
+                                        data_dir=config.data_dir, image_size=info.image_size)))
     classes = batch["label"] if FLAGS.target == "true" else None
     size = info.image_size if FLAGS.upsample else None
     views = [visualization.explain(run.model, run.variables, batch["image"], classes=classes, size=size)

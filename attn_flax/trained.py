@@ -67,7 +67,7 @@ def from_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
         raise LoadError(f"{workdir} has no checkpoint yet: train longer (checkpoint_every_steps="
                         f"{config.get('checkpoint_every_steps')}) or pass the workdir of a finished run")
     try:
-        info = data.dataset_info(config.dataset, data_dir=config.data_dir)
+        info = data.dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.get("image_size"))
         model = setup.build_model(config, info.num_classes)
     except (ValueError, data.DatasetNotPreparedError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
