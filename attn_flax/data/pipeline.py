@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import grain
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from attn_flax.data import catalog, jpeg, order, preprocess
@@ -168,16 +169,13 @@ class _RecordBatch:
                 "index": indices.astype(np.int64), "mask": valid}
 
 
-_RECORD_SIGNATURE = {"encoded": ("string", None), "label": ("int32", None), "position": ("int64", None),
-                     "index": ("int64", None), "mask": ("bool", None)}
+_RECORD_DTYPES = {"encoded": tf.string, "label": tf.int32, "position": tf.int64, "index": tf.int64, "mask": tf.bool}
 
 
 def _decoded_batches(records: Iterator[dict], view, local_batch: int, info: catalog.DatasetInfo, dtype,
                      keys: tuple[str, ...]) -> Iterator[dict]:
     """Decodes the record batches' images in a parallel, order-preserving tf.data map; yields NumPy batches."""
-    import tensorflow as tf
-
-    signature = {k: tf.TensorSpec([None], getattr(tf, t)) for k, (t, _) in _RECORD_SIGNATURE.items()}
+    signature = {k: tf.TensorSpec([None], dtype) for k, dtype in _RECORD_DTYPES.items()}
     dataset = tf.data.Dataset.from_generator(lambda: records, output_signature=signature).unbatch()
 
     def decode(example):
@@ -214,17 +212,10 @@ class _LargeBatches(Batches):
         self._next = int(state["next_batch"])
         self._iterator = self._make(self._next)
 
-    def close(self) -> None:
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
-
 
 def _large_batches(source, layout: _Layout, info: catalog.DatasetInfo, dtype, is_jpeg: bool, first: int,
                    num_batches: int | None, train_order: order.TrainOrder | None, seed: int,
                    keys: tuple[str, ...]) -> Batches:
-    import tensorflow as tf
-
     if train_order is not None:
         def view(encoded, position):
             return jpeg.decode_random_crop(encoded, tf.stack([tf.constant(seed, tf.int64), position]),
