@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from attn_flax.data import offline
 
@@ -73,7 +74,7 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
     root = data_dir or default_data_dir()
     if base_name(name) == "imagenet2012":
         manual = os.path.join(root, "downloads", "manual")
-        found = [f for f in IMAGENET_ARCHIVES if os.path.exists(os.path.join(manual, f))]
+        found = [f for f in IMAGENET_ARCHIVES if (epath.Path(manual) / f).exists()]
         where = (f"the archives are in {manual}" if len(found) == len(IMAGENET_ARCHIVES) else
                  f"put {' and '.join(IMAGENET_ARCHIVES)} (the manual download from image-net.org) in {manual}")
         return f"dataset {name!r} is not prepared in {root}: {where}, then run `{prepare_command(name, root)}`"
@@ -82,11 +83,12 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
 
 
 def _split_files(builder: tfds.core.DatasetBuilder, split: str, file_format: str) -> list[str]:
+    """The names of the split's shard files in `file_format`."""
     info = builder.info.splits[split]
     if info.filename_template is None:  # metadata written without files (tfds.testing.mock_data)
         return []
     template = info.filename_template.replace(filetype_suffix=file_format)
-    return [os.fspath(path) for path in template.sharded_filepaths(info.num_shards)]
+    return [path.name for path in template.sharded_filepaths(info.num_shards)]
 
 
 def random_access_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
@@ -122,13 +124,13 @@ def check_readable(name: str, builder: tfds.core.DatasetBuilder, recipe: str, da
             f"dataset {name!r} in {builder.data_dir} is stored as {'/'.join(sorted(formats))}, which cannot be read "
             f"by random access: run `{prepare_command(name, root)}` to add array_record files (no apache_beam)")
     file_format = "array_record" if recipe == "large" else builder.info.file_format.value
+    present = {path.name for path in epath.Path(builder.data_dir).iterdir()}  # one listing, also on gs://
     for split in ("train", eval_split_name(builder)):
-        missing = [f for f in _split_files(builder, split, file_format) if not os.path.exists(f)]
+        missing = [f for f in _split_files(builder, split, file_format) if f not in present]
         if missing:
             raise DatasetNotPreparedError(
                 f"dataset {name!r} in {builder.data_dir} misses {len(missing)} of its {split!r} files (e.g. "
-                f"{os.path.basename(missing[0])}): copy them again, or delete that folder and run "
-                f"`{prepare_command(name, root)}`")
+                f"{missing[0]}): copy them again, or delete that folder and run `{prepare_command(name, root)}`")
 
 
 def _check_features(name: str, builder: tfds.core.DatasetBuilder) -> None:

@@ -19,6 +19,7 @@ import tarfile
 import time
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from attn_flax.data import catalog
 
@@ -27,14 +28,21 @@ class PrepareError(RuntimeError):
     """What is wrong with the inputs of a preparation, in one line with what to do."""
 
 
+def _is_tar(path: epath.Path) -> bool:
+    """Whether the file starts with a tar header (the 'ustar' magic at byte 257), read also from gs://."""
+    with path.open("rb") as f:
+        header = f.read(512)
+    return len(header) == 512 and header[257:262] == b"ustar"
+
+
 def _check_archives(manual_dir: str) -> None:
     for archive in catalog.IMAGENET_ARCHIVES:
-        path = os.path.join(manual_dir, archive)
-        if not os.path.isfile(path):
+        path = epath.Path(manual_dir) / archive
+        if not path.is_file():
             raise PrepareError(
                 f"{archive} is not in {manual_dir}: put {' and '.join(catalog.IMAGENET_ARCHIVES)} (the manual "
                 f"download from image-net.org) there, or pass --manual_dir=<the folder that has them>")
-        if not tarfile.is_tarfile(path):
+        if not _is_tar(path):
             raise PrepareError(f"{path} is not a tar archive (truncated or a different file): download it again")
 
 
@@ -53,14 +61,14 @@ def add_array_record(builder: tfds.core.DatasetBuilder) -> None:
         template = split.filename_template
         for source, target in zip(template.sharded_filepaths(split.num_shards),
                                   template.replace(filetype_suffix="array_record").sharded_filepaths(split.num_shards)):
-            if os.path.exists(target):
+            if target.exists():
                 continue
-            partial = f"{target}.incomplete"
+            partial = target.parent / f"{target.name}.incomplete"
             writer = array_record_module.ArrayRecordWriter(os.fspath(partial), "group_size:1")
             for record in tf.data.TFRecordDataset(os.fspath(source)).as_numpy_iterator():
                 writer.write(record)
             writer.close()
-            os.replace(partial, target)
+            partial.rename(target)
         print(f"{builder.name} {split_name}: array_record shards written", flush=True)
     info = tfds.builder_from_directory(builder.data_dir).info
     if "array_record" not in {f.value for f in info.alternative_file_formats}:
@@ -89,7 +97,7 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
     manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
     if catalog.base_name(name) == "imagenet2012":
         _check_archives(manual_dir)
-    elif manual and not os.path.isdir(manual_dir):
+    elif manual and not epath.Path(manual_dir).is_dir():
         raise PrepareError(f"{name} needs a manual download in {manual_dir} (see its TFDS page); pass --manual_dir")
     builder = tfds.builder(name, data_dir=data_dir, **({"file_format": "array_record"} if large else {}))
     start = time.perf_counter()
