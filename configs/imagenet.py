@@ -6,9 +6,11 @@ Command (the argument after the colon is `MODEL,ATTENTION`; ATTENTION is none, s
     python train.py --config=configs/imagenet.py:resnet101,bam --workdir=/ckpt/r101_bam
 
 Hardware: a TPU v3-32/v4-32 pod slice (one process per host, `jax.distributed` initialises itself) or 8
-GPUs; about a day for ResNet-50 on 8 V100-class GPUs. Needs `imagenet2012` prepared by TFDS from the manual
-download (ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in `<data_dir>/downloads/manual`, then
-`tfds build imagenet2012 --data_dir=<data_dir>`).
+GPUs; about a day for ResNet-50 on 8 V100-class GPUs. Needs `imagenet2012` prepared from the manual download
+(ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in `<data_dir>/downloads/manual`, then
+`python -m attn_flax.data.prepare imagenet2012 --data_dir=<data_dir>`, which writes the array_record files the
+pipeline reads, without apache_beam; see docs/data.md), then --config.data_dir=<data_dir>.
+`--config.image_size=N` trains and evaluates at N x N crops instead of 224 (e.g. 128 for quick ablations).
 
 Recipe (official `train_imagenet.py`): SGD momentum 0.9, lr 0.1 per 256 examples, weight decay 1e-4 on every
 parameter, 90 epochs with x0.1 at epochs 30 and 60 (the released CBAM weights trained 100), random-sized crop

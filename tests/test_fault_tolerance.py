@@ -223,7 +223,7 @@ BAD_CONFIGS = {
     "unknown attention option": ([_option_config], "takes no option 'reductio'"),
     "unknown config field": (["--config.batch_sizee=32"], "no field 'batch_sizee'"),
     "unknown dataset": (["--config.dataset=imagenet2013"], "unknown dataset 'imagenet2013'"),
-    "dataset not prepared": (["--config.dataset=cifar10"], "tfds build cifar10"),
+    "dataset not prepared": (["--config.dataset=cifar10"], "python -m attn_flax.data.prepare cifar10"),
     "batch size vs devices": (["--config.batch_size=18"], "divisible by the number of devices (4)"),
 }
 
