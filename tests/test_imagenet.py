@@ -4,6 +4,7 @@ preparation can be in (see the session fixture `imagenet_dir` in conftest.py).""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,13 +93,23 @@ def test_a_tfrecord_copy_is_refused_in_one_line_then_converted_in_place(imagenet
 
 
 def test_missing_split_or_shard_is_one_line(imagenet_dir, tmp_path):
-    import shutil
+    """A partial copy (a shard deleted), and a preparation made without the train archive (TFDS's builder then
+    warns and writes the validation split only)."""
     copy = tmp_path / "copy"
     shutil.copytree(imagenet_dir, copy)
     version_dir = copy / "imagenet2012" / "5.1.0"
     next(version_dir.glob("imagenet2012-validation.array_record-*")).unlink()
     with pytest.raises(data.DatasetNotPreparedError, match=r"misses 1 of its 'validation' files .*copy them again"):
         data.dataset_info("imagenet2012", data_dir=str(copy))
+    val_only = tmp_path / "val_only"
+    (val_only / "manual").mkdir(parents=True)
+    os.symlink(os.path.join(os.path.dirname(imagenet_dir), "manual", catalog.IMAGENET_ARCHIVES[1]),
+               val_only / "manual" / catalog.IMAGENET_ARCHIVES[1])
+    tfds.builder("imagenet2012", data_dir=str(val_only), file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(val_only / "manual")))
+    with pytest.raises(data.DatasetNotPreparedError) as error:
+        data.dataset_info("imagenet2012", data_dir=str(val_only))
+    assert "has no 'train' split" in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("state", ["empty", "archives_only", "tfrecord"])
