@@ -21,7 +21,8 @@ import tiny_runs
 from attn_flax import attention, models
 from attn_flax.attention import registry
 from attn_flax.training import config_checks, loop, metrics, setup
-from test_fault_tolerance import ENV, REPO, committed_steps, finish, start, train_args, wait_for_checkpoint
+from test_fault_tolerance import (ENV, REPO, committed_steps, finish, run_all, start, train_args,
+                                  wait_for_checkpoint)
 
 TINY = tiny_runs.TINY_FIELDS
 
@@ -59,15 +60,15 @@ BAD_VALUES = {
 
 
 def test_each_bad_value_fails_in_one_line_with_exit_code_2_and_creates_nothing(tmp_path, data_dir):
-    procs = {}
+    commands, workdirs = {}, {}
     for name, (extra, _) in BAD_VALUES.items():
         extra = [e(tmp_path) if callable(e) else e for e in extra]
-        workdir = tmp_path / re.sub(r"\W+", "_", name)
-        args = train_args(workdir, data_dir, dataset=tiny_runs.TINY_DATASET)
+        workdirs[name] = tmp_path / re.sub(r"\W+", "_", name)
+        args = train_args(workdirs[name], data_dir, dataset=tiny_runs.TINY_DATASET)
         files = [a for a in extra if a.startswith("--config=")]
-        procs[name] = (start(args[:2] + files + args[2:] + [a for a in extra if a not in files]), workdir)
-    for name, (proc, workdir) in procs.items():
-        code, out, err = finish(proc, timeout=300)
+        commands[name] = args[:2] + files + args[2:] + [a for a in extra if a not in files]
+    for name, (code, out, err) in run_all(commands).items():
+        workdir = workdirs[name]
         assert code == 2, (name, err[-2000:])
         assert BAD_VALUES[name][1] in one_error_line(err), (name, err)
         assert out == "" and not workdir.exists(), name
@@ -107,10 +108,9 @@ REFUSED_RERUNS = {
 def test_a_refused_rerun_leaves_the_workdir_untouched(finished, data_dir):
     workdir, fields = finished
     before = snapshot(workdir)
-    procs = {name: start(train_args(workdir, data_dir, **{**fields, **change}))
-             for name, (change, _) in REFUSED_RERUNS.items()}
-    for name, proc in procs.items():
-        code, out, err = finish(proc)
+    commands = {name: train_args(workdir, data_dir, **{**fields, **change})
+                for name, (change, _) in REFUSED_RERUNS.items()}
+    for name, (code, out, err) in run_all(commands).items():
         assert code == 2, (name, err[-2000:])
         assert REFUSED_RERUNS[name][1] in one_error_line(err), (name, err)
         assert "use a new --workdir or the original value" in err
