@@ -7,8 +7,9 @@
                                                             # the README's markdown table: params and GMACs at
                                                             # 224 for every attention, step-time overhead
 
-The training step is the one every trainer runs: forward in train mode (BatchNorm batch statistics), softmax
-cross entropy, backward, SGD with momentum 0.9, on one fixed random batch. ``--conv`` lists convolution
+The training step is the trainer's own (``attn_flax.training.steps.make_train_step``): forward in train mode
+(BatchNorm batch statistics), softmax cross entropy, backward, SGD with momentum 0.9 at a constant learning rate
+0.1, on one fixed random batch, the state donated as in training. ``--conv`` lists convolution
 backward implementations (``attn_flax.ops.IMPLS``: 'auto' picks matrix-product gradients on CPU, 'xla' is XLA's
 native path, i.e. the behaviour of ``nn.Conv``); ``--vs-torch`` adds the same architecture in PyTorch
 (``tests/torch_reference.py``, imported from the repository's tests directory only when asked; needs torch),
@@ -20,9 +21,12 @@ other processes on the machine affects every variant alike; the median over ``--
 each Flax variant's ratio to PyTorch, also come as the quartiles of the per-round ratios ("paired"): on a noisy
 machine they say whether a difference of a few percent is real.
 
-FLOPs come from XLA's cost analysis of the eval forward pass at batch 1 (a multiply-add counts 2; MACs are
-half). Peak memory is the process's peak resident set size (CPU has no allocator statistics), so it covers
-everything the run built, PyTorch included when ``--vs-torch`` is given.
+FLOPs are XLA's count (cost analysis) of the eval forward pass at batch 1 with XLA's native convolutions
+(``--conv=xla``), compiled for the CPU on every host, so they describe the model and not the kernels chosen for
+this machine: the CPU paths of ``ops.Conv`` (Winograd's F(2x2, 3x3) takes 2.25x fewer multiplies) would lower
+ResNet-50 + CBAM at 224 from 8.10 to 6.83 GFLOPs. A multiply-add counts 2; MACs (``gmacs``) are half. Peak memory
+is the process's peak resident set size (CPU has no allocator statistics), so it covers everything the run built,
+PyTorch included when ``--vs-torch`` is given.
 """
 import argparse
 import functools
@@ -42,7 +46,10 @@ import optax
 
 from attn_flax import attention as attention_lib
 from attn_flax import models, ops
+from attn_flax.training import steps
+from attn_flax.training.state import TrainState
 
+LEARNING_RATE = 0.1
 TORCH_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
 
 
@@ -98,42 +105,29 @@ def make_batch(batch_size: int, image_size: int, num_classes: int) -> tuple[np.n
     return images, rng.randint(0, num_classes, size=batch_size).astype(np.int32)
 
 
-def _train_step_fn(model: Any, tx: optax.GradientTransformation) -> Callable:
-    def step(params, batch_stats, opt_state, images, labels):
-        def loss_fn(p):
-            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
-                                          mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
-
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        deltas, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, deltas), updates["batch_stats"], opt_state, loss
-
-    return step
-
-
 class FlaxRunner:
-    """One Flax training state and its compiled step, for one conv implementation."""
+    """One Flax training state and its compiled step (the trainer's), for one conv implementation."""
 
     def __init__(self, model: Any, variables: dict, impl: str, images: np.ndarray, labels: np.ndarray,
                  label: str = ""):
         self.name = f"flax[{label}{impl}]"
-        tx = optax.sgd(0.1, momentum=0.9)
-        variables = jax.tree_util.tree_map(jnp.copy, variables)
-        self.state = (variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"]))
-        self.batch = (jnp.asarray(images), jnp.asarray(labels))
+        tx = optax.sgd(LEARNING_RATE, momentum=0.9)
+        params = jax.tree_util.tree_map(jnp.copy, variables["params"])
+        self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                batch_stats=jax.tree_util.tree_map(jnp.copy, variables.get("batch_stats", {})),
+                                opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
+        self.batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+        step = steps.make_train_step(model, tx, optax.constant_schedule(LEARNING_RATE))
         start = time.perf_counter()
-        with ops.default_impl(impl):
-            self.compiled = jax.jit(_train_step_fn(model, tx), donate_argnums=(0, 1, 2)).lower(
-                *self.state, *self.batch).compile()
+        with ops.default_impl(impl):  # a fresh jit per runner: the impl is read when the step is traced
+            self.compiled = jax.jit(step, donate_argnums=0).lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
         self.times: list[float] = []
 
     def step(self) -> float:
         start = time.perf_counter()
-        params, batch_stats, opt_state, loss = self.compiled(*self.state, *self.batch)
-        loss.block_until_ready()
-        self.state = (params, batch_stats, opt_state)
+        self.state, metrics = self.compiled(self.state, self.batch)
+        metrics["train_loss"].block_until_ready()
         return time.perf_counter() - start
 
 
@@ -154,7 +148,7 @@ class TorchRunner:
         self.model.to(self.device)
         if self.device == "cuda":
             self.model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE, momentum=0.9)
         self.images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(self.device)
         if self.device == "cuda":
             self.images = self.images.contiguous(memory_format=torch.channels_last)
@@ -205,20 +199,23 @@ def paired_ratios(times: list[float], reference: list[float]) -> dict:
     return {"median": float(median), "q25": float(q25), "q75": float(q75)}
 
 
-def forward_flops(model: Any, variables: dict, image_size: int) -> float:
-    """FLOPs of one image's eval forward pass (a multiply-add counts 2), from XLA:CPU's cost analysis.
+def forward_flops(model: Any, variables: Any, image_size: int) -> float:
+    """FLOPs of one image's eval forward pass (a multiply-add counts 2) as XLA counts the model lowered with its
+    native convolutions (``ops.default_impl('xla')``, what ``--conv=xla`` times), compiled for the CPU.
 
-    The CPU compiler's count, also on a GPU host: a GPU executable's analysis leaves out its cuDNN calls. Without
-    a CPU backend (``JAX_PLATFORMS=cuda``), the unoptimised HLO's count, about 1.5% lower (no fused elementwise).
+    The same count on every host: the CPU compiler's analysis (a GPU executable's leaves out its cuDNN calls), of
+    the native lowering (the CPU paths of ``ops.Conv`` would count Winograd's products instead of the model's).
+    ``variables`` may be arrays or shapes. NaN without a CPU backend (``JAX_PLATFORMS`` leaving out ``cpu``).
     """
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    forward = jax.jit(functools.partial(model.apply, train=False))
     try:
-        cpu = jax.devices("cpu")[0]
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     except RuntimeError:
-        cost = forward.lower(variables, x).cost_analysis()
-    else:
-        cost = forward.lower(*jax.device_put((variables, x), cpu)).compile().cost_analysis()
+        return float("nan")
+    on_cpu = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu)  # noqa: E731
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32, sharding=cpu)
+    with ops.default_impl("xla"):  # a fresh jit: a trace cached under another impl would be reused otherwise
+        lowered = jax.jit(functools.partial(model.apply, train=False)).lower(jax.tree.map(on_cpu, variables), x)
+    cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan")))
 
@@ -241,13 +238,16 @@ def count_params(variables: dict) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(variables["params"])))
 
 
-def _build(args: argparse.Namespace, attention: str, image_size: Optional[int] = None) -> tuple[Any, dict]:
+def _build(args: argparse.Namespace, attention: str, image_size: Optional[int] = None,
+           abstract: bool = False) -> tuple[Any, dict]:
+    """The model and its variables (their shapes only with ``abstract``: enough for parameters and FLOPs)."""
     model = models.create_model(args.model, num_classes=args.num_classes, stem=args.stem, dtype=jnp.dtype(args.dtype),
-                                attention=None if attention == "none" else attention)
+                                attention=attention)
     if args.overrides:
         model = model.clone(**args.overrides)
     side = image_size or args.image_size
-    return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, side, side, 3)), train=False)
+    init = functools.partial(model.init, jax.random.PRNGKey(0), jnp.zeros((1, side, side, 3)), train=False)
+    return model, jax.eval_shape(init) if abstract else init()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -308,7 +308,8 @@ def format_text(result: dict) -> str:
         f"{result['model']} stem={result['stem']} batch={result['batch_size']} "
         f"image={result['image_size']} ({result['platform']}, jax {result['jax']})",
         f"  params            {result['params']:,} (attention={result['attention']})",
-        f"  forward           {result['gflops']:.3f} GFLOPs/image ({result['gmacs']:.3f} GMACs)",
+        f"  forward           {result['gflops']:.3f} GFLOPs/image ({result['gmacs']:.3f} GMACs; XLA's count, "
+        "native convs)",
         f"  compile           {result['compile_s']:.1f} s",
         f"  eval              {result['eval_images_per_s']:.0f} images/s",
         f"  peak RSS          {result['peak_rss_mb']:.0f} MiB",
@@ -346,7 +347,7 @@ def table(args: argparse.Namespace) -> list[dict]:
         row_args = argparse.Namespace(**{**vars(args), "model": model_name})
         per_model = []
         for attention in args.attentions:
-            model, variables = _build(row_args, attention, args.flops_image_size)
+            model, variables = _build(row_args, attention, args.flops_image_size, abstract=True)
             flops = forward_flops(model, variables, args.flops_image_size)
             images, labels = make_batch(args.batch_size, args.image_size, args.num_classes)
             small_model, small_variables = _build(row_args, attention)

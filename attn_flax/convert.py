@@ -67,19 +67,52 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "r
                "var": "running_var"}
 
 
+SHOWN_KEYS = 3
+"""Keys an error message names per kind of mismatch; the full lists are the error's attributes."""
+_STAGE_SIZES = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+                ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
+
+
 class CheckpointMismatchError(ValueError):
-    """A state dict that does not fit the model: lists every missing key, unexpected key and wrong shape."""
+    """A state dict that does not fit the model, summarised in a few lines: per kind (missing keys, unexpected
+    keys, wrong shapes) the count and the first :data:`SHOWN_KEYS`, and the settings the checkpoint's keys point
+    to. The full lists are the attributes ``missing``, ``unexpected`` and ``wrong_shapes``."""
 
     def __init__(self, missing: Sequence[str], unexpected: Sequence[str], wrong_shapes: Sequence[str],
-                 context: str):
+                 context: str, looks_like: Optional[str] = None):
         self.missing, self.unexpected, self.wrong_shapes = list(missing), list(unexpected), list(wrong_shapes)
         parts = [f"the state dict does not match {context}:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("wrong shapes", wrong_shapes)):
             if items:
-                parts.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        parts.append("check --depth, --attention and --stem against the checkpoint")
+                more = f", ... and {len(items) - SHOWN_KEYS} more" if len(items) > SHOWN_KEYS else ""
+                parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:SHOWN_KEYS]) + more)
+        hint = "check --depth, --attention and --stem against the checkpoint"
+        parts.append(hint + (f"; its keys look like {looks_like}" if looks_like else ""))
         super().__init__("\n".join(parts))
+
+
+def describe_state_dict(weights: Mapping[str, Any]) -> Optional[str]:
+    """The converter flags an official state dict's keys point to (``--depth=50 --attention=cbam
+    --stem=imagenet``), as far as they tell; None when they do not look like an official ResNet."""
+    blocks: dict[int, int] = {}
+    for key in weights:
+        if match := re.match(r"layer(\d+)\.(\d+)\.", key):
+            stage, block = int(match[1]), int(match[2])
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+    if sorted(blocks) != [1, 2, 3, 4]:
+        return None
+    flags = []
+    depth = _STAGE_SIZES.get((tuple(blocks[s] for s in (1, 2, 3, 4)), "layer1.0.conv3.weight" in weights))
+    if depth:
+        flags.append(f"--depth={depth}")
+    attention = ("cbam" if any(".cbam." in key for key in weights)
+                 else "bam" if any(key.startswith("bam") for key in weights) else "none")
+    flags.append(f"--attention={attention}")
+    stem_kernel = getattr(weights.get("conv1.weight"), "shape", (0,))[-1]
+    if stem_kernel in (7, 3):
+        flags.append(f"--stem={'imagenet' if stem_kernel == 7 else 'cifar'}")
+    return " ".join(flags)
 
 
 def official_key(path: Sequence[str]) -> str:
@@ -161,13 +194,13 @@ def from_official(state_dict: Mapping[str, Any], *, depth: int, attention: Optio
     """An official-format state dict -> (model, ``{'params', 'batch_stats'}``); ``num_classes`` from ``fc.weight``.
 
     ``state_dict`` may carry DataParallel's ``module.`` prefix or be the official ``{'state_dict': ...}``
-    wrapper; values are NumPy arrays or torch tensors. Raises :class:`CheckpointMismatchError` listing every
-    missing key, unexpected key and wrong shape.
+    wrapper; values are NumPy arrays or torch tensors. Raises :class:`CheckpointMismatchError` with every
+    missing key, unexpected key and wrong shape (its message summarises them in a few lines).
     """
     weights = clean_state_dict(state_dict)
     context = f"resnet{depth} stem={stem} attention={attention}"
     if "fc.weight" not in weights:
-        raise CheckpointMismatchError(["fc.weight"], [], [], context)
+        raise CheckpointMismatchError(["fc.weight"], [], [], context, describe_state_dict(weights))
     model = official_model(depth, attention, stem, num_classes=int(weights["fc.weight"].shape[0]))
     layout = official_layout(model)
 
@@ -176,7 +209,7 @@ def from_official(state_dict: Mapping[str, Any], *, depth: int, attention: Optio
     wrong_shapes = [f"{key}: checkpoint {tuple(weights[key].shape)}, model {shape}"
                     for key, (_, shape, _) in layout.items() if key in weights and weights[key].shape != shape]
     if missing or unexpected or wrong_shapes:
-        raise CheckpointMismatchError(missing, unexpected, wrong_shapes, context)
+        raise CheckpointMismatchError(missing, unexpected, wrong_shapes, context, describe_state_dict(weights))
     converted = {path: jnp.array(_to_flax_layout(weights[key], path[-1]), dtype=dtype, copy=True)
                  for key, (path, _, dtype) in layout.items()}
     return model, flax.traverse_util.unflatten_dict(converted)

@@ -466,7 +466,7 @@ def _first_max_gradient(x: np.ndarray, g: np.ndarray, axes: tuple[int, ...]) -> 
 
 @pytest.mark.parametrize("axis,keepdims", [((1, 2), False), (-1, True), (-1, False)])
 def test_reduce_max_gradient_goes_to_the_first_maximum_with_ties(axis, keepdims):
-    from attn_flax.attention.pooling import reduce_max
+    from attn_flax.ops.reductions import reduce_max
 
     x = np.random.RandomState(0).randn(2, 5, 6, 8).astype(np.float32)
     x[0, 1:4, 2, 3] = x[0, :, :, 3].max() + 1.0  # a three-way tie in a spatial max
@@ -482,7 +482,7 @@ def test_reduce_max_gradient_goes_to_the_first_maximum_with_ties(axis, keepdims)
 
 def test_reduce_max_index_falls_back_to_argmax_when_no_element_equals_the_maximum():
     """What XLA's recomputation with other rounding looks like: a maximum that matches no element of x."""
-    from attn_flax.attention.pooling import first_max_index
+    from attn_flax.ops.reductions import first_max_index
 
     x = jnp.asarray(np.random.RandomState(2).randn(2, 4, 5, 3).astype(np.float32))
     m = jnp.max(x, axis=(1, 2), keepdims=True)
@@ -496,7 +496,7 @@ def test_reduce_max_gradient_is_finite_after_a_batch_norm_at_imagenet_map_sizes(
     """ResNet's last stage (7x7x512 at 224x224): XLA recomputes the BatchNorm inside the backward fusions with
     other rounding. The former rule (a tie mask and a tie count compared again there) gave g / 0 in ~1% of the
     channels; every seed tried failed."""
-    from attn_flax.attention.pooling import reduce_max
+    from attn_flax.ops.reductions import reduce_max
 
     def loss(scale, x):
         normed = (x - jnp.mean(x, (0, 1, 2))) * jax.lax.rsqrt(jnp.var(x, (0, 1, 2)) + 1e-5) * scale

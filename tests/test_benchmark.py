@@ -1,4 +1,6 @@
-"""benchmark.py on a narrow network: the JSON report's keys, its parameter count, and the README table."""
+"""benchmark.py on a narrow network: the JSON report's keys, its parameter count, its FLOPs (XLA's count of the
+native lowering), the trainer's step, and the README table."""
+import functools
 import json
 
 import jax
@@ -7,7 +9,10 @@ import numpy as np
 import pytest
 
 import benchmark
-from attn_flax import models
+from flax import linen as nn
+
+from attn_flax import models, ops
+from attn_flax.training import steps
 
 TINY = ["--model=resnet18", "--stem=cifar", "--batch_size=4", "--image_size=16", "--steps=1",
         "--widths=8,16,16,16", "--stage_sizes=1,1,1,1", "--eval_batches=1"]
@@ -62,3 +67,46 @@ def test_table_has_a_row_per_attention_with_the_overhead(capsys):
     assert rows[0]["overhead"] == 0 and rows[1]["overhead"] == rows[1]["train_step_ms"] / rows[0]["train_step_ms"] - 1
     text = benchmark.format_table(rows, benchmark.parse_args([*TINY, "--table", "--flops_image_size=16"]))
     assert text.count("\n") == 3 and "| resnet18 | cbam |" in text
+
+
+def _xla_count(model, variables, image_size):
+    """XLA's count for the model lowered with --conv=xla, compiled for the CPU (the test's own lowering)."""
+    x = jnp.zeros((1, image_size, image_size, 3))
+    with ops.default_impl("xla"):
+        compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, x).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+def test_flops_are_xlas_count_of_the_native_lowering():
+    """Not the CPU paths' count: 3x3 convs of 16 channels take Winograd's products on CPU, 2.25x fewer."""
+    args = benchmark.parse_args([*TINY, "--widths=16,16,16,16", "--attention=cbam"])
+    model, variables = benchmark._build(args, "cbam")
+    with ops.default_impl("auto"):  # a cached auto trace must not leak into the count
+        auto = jax.jit(functools.partial(model.apply, train=False)).lower(variables, jnp.zeros((1, 16, 16, 3)))
+    auto_cost = auto.compile().cost_analysis()
+    auto_flops = (auto_cost[0] if isinstance(auto_cost, (list, tuple)) else auto_cost)["flops"]
+    flops = benchmark.forward_flops(model, variables, 16)
+    assert flops == _xla_count(model, variables, 16)
+    assert flops == _xla_count(model.clone(conv=nn.Conv), variables, 16)  # Flax's own conv: the same HLO
+    assert auto_flops < 0.95 * flops
+    abstract = jax.eval_shape(lambda: variables)
+    assert benchmark.forward_flops(model, abstract, 16) == flops  # shapes are enough
+
+
+def test_the_runner_times_the_trainers_step(monkeypatch):
+    """One train step in the codebase: the benchmark compiles training.steps.make_train_step."""
+    made = []
+    monkeypatch.setattr(steps, "make_train_step", lambda *a, **k: made.append(a) or steps_make(*a, **k))
+    args = benchmark.parse_args(TINY)
+    model, variables = benchmark._build(args, "none")
+    images, labels = benchmark.make_batch(4, 16, 10)
+    runner = benchmark.FlaxRunner(model, variables, "auto", images, labels)
+    assert len(made) == 1 and made[0][0] is model
+    runner.times.append(runner.step())
+    assert int(runner.state.step) == 1 and runner.times[0] > 0
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), runner.state.params, variables["params"])
+    assert all(jax.tree.leaves(changed))
+
+
+steps_make = steps.make_train_step

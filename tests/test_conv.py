@@ -124,6 +124,29 @@ def test_conv_module_matches_nn_conv(kwargs):
     _assert_close(ours.apply(params, x), reference.apply(params_ref, x), 1e-6)
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(features=1, kernel_size=(5,), padding=2, use_bias=False),  # ECA's conv across channels
+    dict(features=4, kernel_size=3, strides=2, padding="SAME"),
+    dict(features=4, kernel_size=(3,), padding=((2, 0),), kernel_dilation=2),
+])
+def test_conv_module_matches_nn_conv_in_1d(kwargs):
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 11, 3))
+    reference, ours = nn.Conv(**kwargs), ops.Conv(**kwargs)
+    params_ref, params = reference.init(jax.random.PRNGKey(2), x), ours.init(jax.random.PRNGKey(2), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, params_ref)  # same (k, C_in, C_out) kernel
+    for impl in ("auto", "xla"):
+        _assert_close(ours.clone(impl=impl).apply(params, x), reference.apply(params_ref, x), 1e-6)
+    grad = lambda m, p: jax.grad(lambda q: jnp.sum(jnp.sin(m.apply(q, x))))(p)  # noqa: E731
+    jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, 1e-6), grad(ours, params), grad(reference, params_ref))
+
+
+def test_conv_kernel_rank_must_match_the_input():
+    with pytest.raises(ValueError, match=r"1-D kernel_size 3 takes \[N, W, C\] input.*kernel_size=\(k, k\)"):
+        ops.Conv(1, 3).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))
+    with pytest.raises(ValueError, match="2-D kernel_size .* takes NHWC input"):
+        ops.Conv(1, (3, 3)).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 1)))
+
+
 class _TinyNet(nn.Module):
     """Stem, strided block with a 1x1 shortcut, a dilated conv, global pool: every conv kind in two layers."""
 

@@ -112,6 +112,29 @@ def test_mismatched_state_dicts_raise_one_error_listing_every_problem():
         convert.from_official(state, depth=18, attention="se", stem="cifar")
 
 
+def zeros_official_state_dict(depth, attention, stem, num_classes=1000) -> dict[str, np.ndarray]:
+    """Every official key at its shape, without the cost of random values (for error messages only)."""
+    model = convert.official_model(depth, attention, stem, num_classes)
+    return {key: np.zeros(shape, np.float32) for key, (_, shape, _) in convert.official_layout(model).items()}
+
+
+def test_a_wrong_architecture_is_summarised_in_a_few_lines_with_the_settings_the_keys_point_to():
+    """ResNet-50 + CBAM weights given as ResNet-101 without attention: hundreds of keys, a few lines."""
+    state = zeros_official_state_dict(50, "cbam", "imagenet")
+    with pytest.raises(convert.CheckpointMismatchError) as error:
+        convert.from_official(state, depth=101, attention=None, stem="cifar")
+    message = str(error.value)
+    lines = message.splitlines()
+    assert len(lines) <= 5 and max(map(len, lines)) < 400, message
+    assert len(error.value.unexpected) > 100 and len(error.value.missing) > 100  # the full lists stay available
+    assert f"unexpected keys ({len(error.value.unexpected)}): " in message
+    assert f"... and {len(error.value.missing) - convert.SHOWN_KEYS} more" in message
+    assert lines[-1].endswith("its keys look like --depth=50 --attention=cbam --stem=imagenet")
+    bam = zeros_official_state_dict(18, "bam", "cifar")
+    assert convert.describe_state_dict(bam) == "--depth=18 --attention=bam --stem=cifar"
+    assert convert.describe_state_dict({"fc.weight": np.zeros((10, 512))}) is None
+
+
 def test_saved_conversion_loads_back_as_the_same_model_and_variables(tmp_path):
     model, variables = convert.from_official(random_official_state_dict(18, "bam", "cifar"), depth=18,
                                              attention="bam", stem="cifar")

@@ -46,7 +46,35 @@ def test_every_import_points_down():
     assert not wrong, "imports against the floors:\n" + "\n".join(wrong)
 
 
+def attention_submodules(path: pathlib.Path) -> set[str]:
+    """The ``attn_flax.attention.X`` submodules the file imports by name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("attn_flax.attention."):
+            found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.ImportFrom) and node.module == "attn_flax.attention":
+            found |= {a.name for a in node.names if (PACKAGE / "attention" / f"{a.name}.py").exists()}
+    return found
+
+
+def test_attention_modules_share_helpers_only_through_neutral_modules():
+    """An attention module takes shared helpers from ``attention.common`` (or ``ops``), never from a sibling
+    module (SE once took ``hidden_width`` from ``cbam.py``); outside the attention package only its package
+    (the public names) is imported: a network takes its initialisers from ``ops``, not from the attention package."""
+    neutral = {"common", "registry"}
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        inside = relative.parts[0] == "attention"
+        allowed = neutral if inside and relative.name != "__init__.py" else set()
+        if inside and relative.name == "__init__.py":
+            continue
+        wrong += [f"{relative} imports attention.{m}" for m in sorted(attention_submodules(path) - allowed)]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_rule_catches_an_upward_import(tmp_path):
     module = tmp_path / "loop.py"
     module.write_text("from attn_flax import evaluation\nfrom attn_flax.attention import cbam\nimport train\n")
     assert imported_parts(module) == {"evaluation", "attention", "train"}
+    assert attention_submodules(module) == {"cbam"}

@@ -2,7 +2,7 @@
 CIFAR stem at 32x32, batch 2, in float32 and bfloat16, finite and equal to a float64 reference.
 
 The reference is the same network in float64 on XLA's own convolutions and max pooling (``nn.max_pool``) and
-their gradients, and ``attention.pooling.reduce_max``, whose float64 gradient equals PyTorch's at 224x224 to 1e-12
+their gradients, and ``ops.reductions.reduce_max``, whose float64 gradient equals PyTorch's at 224x224 to 1e-12
 (:func:`test_float64_cbam_gradient_at_224_equals_pytorch`). ``jnp.max`` cannot be the reference: its own gradient
 rule compares a recomputed input with the maximum, and in this network (ResNet-18 + CBAM, 224x224, float64,
 XLA:CPU) it drops gradients: 59% away from PyTorch's. The former ``reduce_max`` rule gave 109 non-finite leaves

@@ -1,6 +1,7 @@
 """ResNets with attention: the papers' parameter counts, the official placement and initialisation, forward passes
 under jit in float32 and bfloat16, non-square inputs and batch 1, and the injectable conv."""
 import functools
+from typing import ClassVar
 
 import flax
 import jax
@@ -78,8 +79,12 @@ def test_create_model_rejects_unknown_names_listing_the_valid_ones():
         models.create_model("resnet18", num_classes=10, reduction=8)
     with pytest.raises(ValueError, match="takes no option 'combine'"):
         models.create_model("resnet18", num_classes=10, attention="cbam", combine="product")
-    with pytest.raises(TypeError, match="attention must be an AttentionFactory"):
-        models.ResNet18(num_classes=10, attention="cbam")
+    with pytest.raises(ValueError, match="attention 42 is none of: a name"):
+        models.ResNet18(num_classes=10, attention=42)
+    with pytest.raises(ValueError, match="give its options by keyword"):
+        models.ResNet18(num_classes=10, attention=functools.partial(attention_lib.CBAM, 8))
+    with pytest.raises(ValueError, match="is not a flax.linen.Module subclass"):
+        models.create_model("resnet18", num_classes=10, attention=dict)
 
 
 def test_create_model_passes_attention_options_to_the_factory():
@@ -237,4 +242,81 @@ def test_conv_implementation_is_injectable():
     logits, state = jax.jit(swapped)(variables, images)
     np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-6)  # ops.Conv vs nn.Conv: summation order
     markers = [k for k in flat(state["intermediates"]) if k.endswith("conv_called")]
-    assert len(markers) == 1 + 4 * 2 + 3
+    assert len(markers) == 1 + 4 * 2 + 3 + 4  # stem, blocks, shortcuts, and CBAM's spatial gate in every block
+
+
+@pytest.mark.parametrize("attention, convs_per_module, modules", [("cbam", 1, 4), ("bam", 4, 3), ("eca", 1, 4)])
+def test_the_network_conv_reaches_every_attention_module_with_a_conv(attention, convs_per_module, modules):
+    """Like dtype, the network's conv goes to each attention module that declares a ``conv`` field."""
+    model = tiny(attention).clone(conv=_CountingConv)
+    images = jnp.zeros((1, 16, 16, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    _, state = jax.eval_shape(lambda v: model.apply(v, images, train=False, mutable=["intermediates"]), variables)
+    markers = [k for k in flat(state["intermediates"]) if k.endswith("conv_called") and "attention" in k]
+    assert len(markers) == convs_per_module * modules
+    assert attention_lib.create(attention).conv is models.ResNet.conv  # the same default as the network's
+
+
+class _UserStageGate(nn.Module):
+    """An unregistered module placed at stage ends by its class attribute."""
+
+    scale: float = 1.0
+    placement: ClassVar[str] = "stage"
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        return x * self.scale
+
+
+def _attention_layout(model):
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))["params"]
+    return jax.tree.map(lambda a: a.shape, params)
+
+
+@pytest.mark.parametrize("given, name, options", [
+    ("CBAM", "cbam", {}),
+    (attention_lib.factory("cbam", reduction=4), "cbam", {"reduction": 4}),
+    (attention_lib.CBAM, "cbam", {}),
+    (functools.partial(attention_lib.CBAM, reduction=4), "cbam", {"reduction": 4}),
+    (functools.partial(attention_lib.BAM, combine="product"), "bam", {"combine": "product"}),
+    (attention_lib.BAM, "bam", {}),
+])
+def test_attention_given_as_name_factory_class_or_partial(given, name, options):
+    """As timm's factory: a name, a factory, a module class or a partial of one give the same network, placed by
+    the registry (BAM's class at the stage ends, as the name 'bam')."""
+    expected = attention_lib.factory(name, **options)
+    assert models.attention_factory(given) == expected
+    reference = tiny(name, **options)
+    direct = models.ResNet(stage_sizes=(1, 1, 1, 1), block_cls=models.BasicBlock, num_classes=5,
+                           widths=TINY_WIDTHS, stem="cifar", attention=given)
+    assert _attention_layout(direct) == _attention_layout(reference)
+    created = models.create_model("resnet18", num_classes=5, stem="cifar", attention=given)
+    assert created.attention == expected
+
+
+def _attention_paths(model):
+    """The paths of the attention modules the network calls (Flax's captured intermediates, shapes only)."""
+    images = jnp.zeros((1, 16, 16, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    _, state = jax.eval_shape(lambda v: model.apply(v, images, train=False, capture_intermediates=True,
+                                                    mutable=["intermediates"]), variables)
+    return sorted({k.rsplit("/", 1)[0] for k in flat(state["intermediates"]) if "attention/__call__" in k})
+
+
+def test_an_unregistered_class_or_partial_is_placed_by_its_placement_attribute():
+    stage = tiny(functools.partial(_UserStageGate, scale=2.0))
+    assert _attention_paths(stage) == ["stage1_attention", "stage2_attention", "stage3_attention"]
+    assert dict(models.attention_factory(stage.attention).options) == {"scale": 2.0}
+    block = models.create_model("resnet18", num_classes=5, attention=_CountingGate, bias=1.0)
+    assert block.attention.placement == "block" and block.attention.options == (("bias", 1.0),)
+    assert _attention_paths(tiny(_CountingGate)) == [f"stage{s}_block0/attention" for s in range(1, 5)]
+
+
+class _CountingGate(nn.Module):
+    """An unregistered module without a placement attribute: in every block."""
+
+    bias: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        return x + self.bias

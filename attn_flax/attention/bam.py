@@ -20,14 +20,14 @@ Initialisation as the official ResNet's name-based init: convs Kaiming-normal fa
 MLP weights PyTorch-default uniform. BatchNorm momentum 0.9 in Flax terms (PyTorch's default 0.1), eps 1e-5.
 The map M is sown into ``intermediates`` as ``attention`` and its channel mean as ``spatial_attention``.
 """
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from attn_flax import ops
-from attn_flax.attention import initializers, pooling
-from attn_flax.attention.cbam import hidden_width
+from attn_flax.attention.common import hidden_width
+from attn_flax.ops import initializers, reductions
 
 COMBINES = ("sum", "product")
 
@@ -46,7 +46,7 @@ class BAMChannelGate(nn.Module):
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, kernel_init=initializers.torch_default_uniform, bias_init=initializers.zeros,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        pooled = pooling.mean(x, (1, 2))
+        pooled = reductions.mean(x, (1, 2))
         hidden = dense(hidden_width(channels, self.reduction), "fc_0")(pooled)
         hidden = nn.relu(_batch_norm(self, "bn_0", train)(hidden))
         return dense(channels, "fc_final")(hidden)[:, None, None, :]
@@ -61,11 +61,12 @@ class BAMSpatialGate(nn.Module):
     bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    conv: Callable[..., nn.Module] = ops.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         width = hidden_width(x.shape[-1], self.reduction)
-        conv = lambda features, size, dilation, name: nn.Conv(  # noqa: E731
+        conv = lambda features, size, dilation, name: self.conv(  # noqa: E731
             features, (size, size), padding=dilation * (size // 2), kernel_dilation=dilation,
             kernel_init=initializers.conv_kaiming_fan_out, bias_init=initializers.zeros,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -86,6 +87,7 @@ class BAM(nn.Module):
       num_dilated_convs: number of dilated 3x3 convs in the spatial branch (paper: 2).
       combine: 'sum' (paper, default) or 'product' (official code; needed for its released weights).
       bn_group_size: examples per BatchNorm statistic in training (None: the whole batch); see ``ops.BatchNorm``.
+      conv: the spatial branch's conv module (``nn.Conv``'s signature); a network passes its own.
     """
 
     reduction: int = 16
@@ -95,6 +97,7 @@ class BAM(nn.Module):
     bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    conv: Callable[..., nn.Module] = ops.Conv
 
     def __post_init__(self):
         if self.combine not in COMBINES:
@@ -109,7 +112,8 @@ class BAM(nn.Module):
         channel = BAMChannelGate(self.reduction, self.bn_group_size, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="channel")(x, train=train)
         spatial = BAMSpatialGate(self.reduction, self.dilation, self.num_dilated_convs, self.bn_group_size,
-                                 dtype=self.dtype, param_dtype=self.param_dtype, name="spatial")(x, train=train)
+                                 dtype=self.dtype, param_dtype=self.param_dtype, conv=self.conv,
+                                 name="spatial")(x, train=train)
         logits = channel + spatial if self.combine == "sum" else channel * spatial
         attention = nn.sigmoid(logits)
         self.sow("intermediates", "attention", attention)

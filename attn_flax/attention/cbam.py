@@ -22,21 +22,16 @@ fan-out, and the spatial BN scale 0 so that every spatial gate starts at sigmoid
 The gates are sown into the ``intermediates`` collection (``channel_attention`` [N, 1, 1, C] and
 ``spatial_attention`` [N, H, W, 1]) for visualisation.
 """
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from attn_flax import ops
-from attn_flax.attention import initializers, pooling
-from attn_flax.attention.pooling import POOL_TYPES, global_pool, reduce_max
+from attn_flax.attention.common import hidden_width
+from attn_flax.ops import initializers, reductions
 
 ORDERS = ("channel_first", "spatial_first", "parallel")
-
-
-def hidden_width(channels: int, reduction: int) -> int:
-    """Width of a reduction MLP: C // r as the official code, but never zero on narrow test networks."""
-    return max(channels // reduction, 1)
 
 
 class ChannelGate(nn.Module):
@@ -55,7 +50,7 @@ class ChannelGate(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         fc1 = dense(hidden_width(channels, self.reduction), "fc1")
         fc2 = dense(channels, "fc2")
-        pooled = jnp.concatenate([global_pool(x, p) for p in self.pool_types])  # one MLP pass for all poolings
+        pooled = jnp.concatenate([reductions.global_pool(x, p) for p in self.pool_types])  # one MLP pass for all
         logits = jnp.sum(fc2(nn.relu(fc1(pooled))).reshape(len(self.pool_types), x.shape[0], channels), axis=0)
         return nn.sigmoid(logits)[:, None, None, :]
 
@@ -68,16 +63,17 @@ class SpatialGate(nn.Module):
     bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    conv: Callable[..., nn.Module] = ops.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         pooled = jnp.concatenate(
-            [reduce_max(x, -1, True),
-             pooling.mean(x, -1, keepdims=True)], axis=-1)
-        logits = ops.Conv(1, (self.kernel_size, self.kernel_size), padding=self.kernel_size // 2,
-                          use_bias=not self.norm, kernel_init=initializers.conv_kaiming_fan_out,
-                          bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="conv")(pooled)
+            [reductions.reduce_max(x, -1, True),
+             reductions.mean(x, -1, keepdims=True)], axis=-1)
+        logits = self.conv(1, (self.kernel_size, self.kernel_size), padding=self.kernel_size // 2,
+                           use_bias=not self.norm, kernel_init=initializers.conv_kaiming_fan_out,
+                           bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="conv")(pooled)
         if self.norm:
             logits = ops.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-5,
                                    group_size=self.bn_group_size, scale_init=initializers.zeros,
@@ -97,6 +93,7 @@ class CBAM(nn.Module):
       spatial_norm: BatchNorm after the 7x7 conv (official code: True; the paper does not mention it). Without
         it the conv has a bias, initialised to 0.
       bn_group_size: examples per BatchNorm statistic in training (None: the whole batch); see ``ops.BatchNorm``.
+      conv: the spatial gate's conv module (``nn.Conv``'s signature); a network passes its own.
     """
 
     reduction: int = 16
@@ -108,14 +105,15 @@ class CBAM(nn.Module):
     bn_group_size: Optional[int] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    conv: Callable[..., nn.Module] = ops.Conv
 
     def __post_init__(self):
         if self.order not in ORDERS:
             raise ValueError(f"CBAM order {self.order!r} is not one of {', '.join(ORDERS)}")
-        unknown = [p for p in self.pool_types if p not in POOL_TYPES]
+        unknown = [p for p in self.pool_types if p not in reductions.POOL_TYPES]
         if unknown or not self.pool_types:
             raise ValueError(f"CBAM pool_types {tuple(self.pool_types)!r} must be a non-empty subset of "
-                             f"{', '.join(POOL_TYPES)}")
+                             f"{', '.join(reductions.POOL_TYPES)}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"CBAM kernel_size must be a positive odd number, got {self.kernel_size}")
         if self.reduction < 1:
@@ -127,7 +125,7 @@ class CBAM(nn.Module):
         channel_gate = ChannelGate(self.reduction, tuple(self.pool_types), dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="ChannelGate")
         spatial_gate = SpatialGate(self.kernel_size, self.spatial_norm, self.bn_group_size, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name="SpatialGate")
+                                   param_dtype=self.param_dtype, conv=self.conv, name="SpatialGate")
 
         def apply_channel(f):
             gate = channel_gate(f)

@@ -10,12 +10,14 @@ Initialisation: the conv keeps PyTorch's default uniform init, as in the officia
 The gate is sown into ``intermediates`` as ``channel_attention`` [N, 1, 1, C].
 """
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
 from flax import linen as nn
 
-from attn_flax.attention import initializers, pooling
+from attn_flax import ops
+from attn_flax.ops import initializers, reductions
+
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -30,6 +32,8 @@ class ECA(nn.Module):
     Attributes:
       kernel_size: the 1-D conv's size; None (default) picks it from the channel count by the paper's rule.
       gamma, b: the constants of that rule (paper: 2 and 1).
+      conv: the 1-D conv module (``nn.Conv``'s signature, a kernel of one size on [N, C, 1]); a network passes
+        its own.
     """
 
     kernel_size: Optional[int] = None
@@ -37,6 +41,7 @@ class ECA(nn.Module):
     b: int = 1
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    conv: Callable[..., nn.Module] = ops.Conv
 
     def __post_init__(self):
         if self.kernel_size is not None and (self.kernel_size < 1 or self.kernel_size % 2 == 0):
@@ -48,10 +53,10 @@ class ECA(nn.Module):
         del train
         channels = x.shape[-1]
         k = self.kernel_size or adaptive_kernel_size(channels, self.gamma, self.b)
-        pooled = pooling.mean(x, (1, 2))
-        logits = nn.Conv(1, (k,), padding=k // 2, use_bias=False,
-                         kernel_init=initializers.torch_default_uniform, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="conv")(pooled[:, :, None])
+        pooled = reductions.mean(x, (1, 2))
+        logits = self.conv(1, (k,), padding=k // 2, use_bias=False,
+                           kernel_init=initializers.torch_default_uniform, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="conv")(pooled[:, :, None])
         gate = nn.sigmoid(logits[:, :, 0])[:, None, None, :]
         self.sow("intermediates", "channel_attention", gate)
         return x * gate

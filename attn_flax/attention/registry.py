@@ -6,7 +6,7 @@ and asks it for fresh modules; ``factory.placement`` says whether one goes insid
 
 The contract of an attention module: a ``flax.linen.Module`` subclass whose ``__call__(x, *, train)`` takes NHWC
 input and returns the same shape. Its dataclass fields are its options; a network passes ``dtype``,
-``param_dtype`` and ``bn_group_size`` only to modules that declare them.
+``param_dtype``, ``bn_group_size`` and ``conv`` (its own conv module) only to modules that declare them.
 
 Three ways to name one, all accepted wherever a name is (``create_model``, ``--config.attention``):
 
@@ -15,19 +15,24 @@ Three ways to name one, all accepted wherever a name is (``create_model``, ``--c
   by the class attribute ``placement: ClassVar[str]`` (``'block'`` when absent);
 - a name an installed package declares in the entry-point group ``attn_flax.attention``
   (``[project.entry-points."attn_flax.attention"] my_gate = "my_package.gates:MyGate"``).
+
+In Python a network also takes the module itself, as timm's ``get_attn`` does: :func:`factory` accepts a name, a
+module class (``CBAM``, or a class of your own, registered under its import path on first use) or a
+``functools.partial`` of one (``partial(CBAM, reduction=8)``), with the same placement rules.
 """
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import inspect
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Optional, Union
 
 from flax import linen as nn
 
 Placement = Literal["block", "stage"]
 PLACEMENTS = ("block", "stage")
 ENTRY_POINT_GROUP = "attn_flax.attention"
-NETWORK_OPTIONS = ("dtype", "param_dtype", "bn_group_size")
+NETWORK_OPTIONS = ("dtype", "param_dtype", "bn_group_size", "conv")
 """Options a network passes to the modules that declare them."""
 
 
@@ -157,8 +162,51 @@ class AttentionFactory:
         return create(self.name, **{**dict(self.options), **passed})
 
 
-def factory(name: str, /, **options: Any) -> AttentionFactory:
-    """An :class:`AttentionFactory` for ``name``; unknown names, options and bad option values fail here, before
-    any tracing (building one unbound module runs the module's own checks)."""
+AttentionSpec = Union[None, str, Callable[..., nn.Module], AttentionFactory]
+"""What a network's ``attention`` accepts: None or ``'none'``, a name, an :class:`AttentionFactory`, a module class
+or a ``functools.partial`` of one."""
+NONE = ("none",)
+
+
+def _name_of_class(module_cls: Any) -> str:
+    """The name a module class is known by: the first name it is registered under, else its import path
+    ``module:QualName``, registered on first use with the placement of its class attribute ``placement``
+    (``'block'`` when absent), as an import-path name would be."""
+    for name, entry in _REGISTRY.items():
+        if entry.module_cls is module_cls:
+            return name
+    _check_contract(repr(module_cls), module_cls)
+    name = f"{module_cls.__module__}:{module_cls.__qualname__}"
+    if name in _REGISTRY:  # a class defined again under the same path (a re-run notebook cell): the newest wins
+        del _REGISTRY[name]
+    _register_loaded(name, module_cls)
+    return name
+
+
+def factory(attention: AttentionSpec, /, **options: Any) -> Optional[AttentionFactory]:
+    """An :class:`AttentionFactory` for a name, a module class, a ``functools.partial`` of one (its keywords are
+    options) or a factory, with ``options`` added; None or ``'none'`` gives None (no attention). Placement follows
+    the registry: a registered class keeps its registered placement, another class its ``placement`` attribute.
+    Unknown names, options and bad option values fail here, before any tracing (building one unbound module runs
+    the module's own checks)."""
+    if attention is None or (isinstance(attention, str) and attention.lower() in NONE):
+        if options:
+            raise ValueError(f"attention options {sorted(options)} given without an attention module")
+        return None
+    if isinstance(attention, AttentionFactory):
+        name, options = attention.name, {**dict(attention.options), **options}
+    elif isinstance(attention, str):
+        name = attention if ":" in attention or attention in available() else attention.lower()
+    elif isinstance(attention, functools.partial):
+        if attention.args:
+            raise ValueError(f"attention partial {attention!r}: give its options by keyword "
+                             "(functools.partial(CBAM, reduction=8)), positional arguments are not options")
+        return factory(attention.func, **{**attention.keywords, **options})
+    elif isinstance(attention, type):
+        name = _name_of_class(attention)
+    else:
+        raise ValueError(f"attention {attention!r} is none of: a name ({', '.join(available())}), an import path "
+                         "'package.module:ClassName', an AttentionFactory, a flax.linen.Module class or a "
+                         "functools.partial of one")
     create(name, **options)
     return AttentionFactory(name, tuple(sorted(options.items())))

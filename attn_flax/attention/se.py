@@ -10,8 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from attn_flax.attention import initializers, pooling
-from attn_flax.attention.cbam import hidden_width
+from attn_flax.attention.common import hidden_width
+from attn_flax.ops import initializers, reductions
 
 
 class SE(nn.Module):
@@ -37,7 +37,7 @@ class SE(nn.Module):
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, kernel_init=initializers.torch_default_uniform, bias_init=initializers.zeros,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        pooled = pooling.mean(x, (1, 2))
+        pooled = reductions.mean(x, (1, 2))
         hidden = nn.relu(dense(hidden_width(channels, self.reduction), "fc1")(pooled))
         gate = nn.sigmoid(dense(channels, "fc2")(hidden))[:, None, None, :]
         self.sow("intermediates", "channel_attention", gate)

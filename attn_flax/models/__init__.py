@@ -34,7 +34,6 @@ _MODELS = {
     "wide_resnet50_2": WideResNet50_2,
 }
 MODEL_NAMES = tuple(_MODELS)
-NO_ATTENTION = ("none",)
 
 
 def available() -> tuple[str, ...]:
@@ -42,23 +41,21 @@ def available() -> tuple[str, ...]:
     return MODEL_NAMES
 
 
-def attention_factory(attention: Optional[str], **options: Any) -> Optional[attention_lib.AttentionFactory]:
-    """The factory for a registered attention name; None or 'none' gives None (a plain ResNet)."""
-    if attention is None or attention.lower() in NO_ATTENTION:
-        if options:
-            raise ValueError(f"attention options {sorted(options)} given without an attention module")
-        return None
-    name = attention if ":" in attention or attention in attention_lib.available() else attention.lower()
-    return attention_lib.factory(name, **options)
+def attention_factory(attention: attention_lib.AttentionSpec, **options: Any
+                      ) -> Optional[attention_lib.AttentionFactory]:
+    """The factory for an attention name, module class, ``functools.partial`` or factory; None or 'none' gives
+    None (a plain ResNet). See :func:`attn_flax.attention.factory`."""
+    return attention_lib.factory(attention, **options)
 
 
-def create_model(name: str, *, num_classes: int, attention: Optional[str] = None, stem: str = "imagenet",
-                 dtype: Any = jnp.float32, zero_init_last_bn: bool = False, bn_group_size: Optional[int] = None,
-                 **attention_options: Any) -> ResNet:
+def create_model(name: str, *, num_classes: int, attention: attention_lib.AttentionSpec = None,
+                 stem: str = "imagenet", dtype: Any = jnp.float32, zero_init_last_bn: bool = False,
+                 bn_group_size: Optional[int] = None, **attention_options: Any) -> ResNet:
     """Builds ``name`` (see :func:`available`) with the named attention in the paper's placement.
 
     ``stem='cifar'`` gives the official CIFAR stem (3x3 conv, no max-pool). ``attention`` is a registered
-    name (``attn_flax.attention.available()``) or None/'none'; ``attention_options`` go to that module, e.g.
+    name (``attn_flax.attention.available()``), an import path, an ``AttentionFactory``, a module class or a
+    ``functools.partial`` of one, or None/'none'; ``attention_options`` go to that module, e.g.
     ``combine='product'`` for BAM as the official code computes it. ``bn_group_size`` computes BatchNorm
     statistics over groups of that many examples in training (None: the whole batch).
     """

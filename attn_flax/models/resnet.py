@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attn_flax import ops
-from attn_flax.attention import initializers, pooling
-from attn_flax.attention.registry import AttentionFactory
+from attn_flax import attention as attention_lib
+from attn_flax.ops import initializers, reductions
 
 ModuleDef = Any
 STEMS = ("imagenet", "cifar")
@@ -137,15 +137,17 @@ class ResNet(nn.Module):
       num_classes: classifier outputs.
       widths: each stage's block width ("planes"); the stem has ``widths[0]`` channels.
       stem: 'imagenet' (7x7/2 conv + max-pool) or 'cifar' (3x3/1 conv, no pool).
-      attention: an :class:`~attn_flax.attention.AttentionFactory` or None. A ``'block'`` factory gives one
-        module per residual block, a ``'stage'`` factory one module after every stage but the last.
+      attention: None, a registered name (``'cbam'``), an :class:`~attn_flax.attention.AttentionFactory`, a module
+        class or a ``functools.partial`` of one (see :func:`attn_flax.attention.factory`). A ``'block'``
+        attention gives one module per residual block, a ``'stage'`` one after every stage but the last.
       groups, width_per_group: grouped/wide Bottleneck variants (ResNeXt, Wide ResNet).
       zero_init_last_bn: start each block's last BN scale at zero.
       dtype: computation dtype of every layer; param_dtype: parameter dtype. Logits are float32.
       bn_group_size: examples per BatchNorm statistic in training, in the network and in attention modules that
         take ``bn_group_size`` (None: the whole batch, which under a sharded jit is the global batch).
-      conv, norm: the convolution and BatchNorm modules (``nn.Conv``/``nn.BatchNorm`` signatures). The default
-        ``attn_flax.ops.Conv`` has ``nn.Conv``'s parameters and forward pass, and on CPU computes its gradients
+      conv, norm: the convolution and BatchNorm modules (``nn.Conv``/``nn.BatchNorm`` signatures); ``conv`` also
+        goes to the attention modules that declare a ``conv`` field (CBAM, BAM, ECA), as ``dtype`` does. The
+        default ``attn_flax.ops.Conv`` has ``nn.Conv``'s parameters and forward pass, and on CPU computes its gradients
         as matrix products, which XLA:CPU runs faster than its own conv gradients. The default
         ``attn_flax.ops.BatchNorm`` has ``nn.BatchNorm``'s names and forward pass, and updates the running
         variance with the unbiased batch variance as PyTorch does (``nn.BatchNorm`` stores the biased one).
@@ -156,7 +158,7 @@ class ResNet(nn.Module):
     num_classes: int
     widths: Sequence[int] = (64, 128, 256, 512)
     stem: str = "imagenet"
-    attention: Optional[AttentionFactory] = None
+    attention: attention_lib.AttentionSpec = None
     groups: int = 1
     width_per_group: int = 64
     zero_init_last_bn: bool = False
@@ -169,9 +171,7 @@ class ResNet(nn.Module):
     def __post_init__(self):
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; valid stems: {', '.join(STEMS)}")
-        if self.attention is not None and not isinstance(self.attention, AttentionFactory):
-            raise TypeError(f"attention must be an AttentionFactory (attn_flax.attention.factory(name)) or None, "
-                            f"got {self.attention!r}; create_model accepts attention names")
+        attention_lib.factory(self.attention)  # an unknown name or a bad module fails here, not at the first trace
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} must have "
                              "the same length")
@@ -199,18 +199,20 @@ class ResNet(nn.Module):
             if stage_attention is not None and s < len(self.stage_sizes):
                 x = stage_attention(name=f"stage{s}_attention")(x, train=train)
 
-        pooled = pooling.mean(x, (1, 2))
+        pooled = reductions.mean(x, (1, 2))
         logits = nn.Dense(self.num_classes, kernel_init=initializers.dense_kaiming_fan_in,
                           bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
                           name="head")(pooled)
         return logits.astype(ops.accumulation_dtype(logits.dtype))
 
     def _attention_factories(self) -> tuple[Optional[Callable[..., nn.Module]], Optional[Callable[..., nn.Module]]]:
-        if self.attention is None:
+        attention = attention_lib.factory(self.attention)
+        if attention is None:
             return None, None
         groups = {} if self.bn_group_size is None else {"bn_group_size": self.bn_group_size}
-        bound = functools.partial(self.attention, dtype=self.dtype, param_dtype=self.param_dtype, **groups)
-        return (bound, None) if self.attention.placement == "block" else (None, bound)
+        bound = functools.partial(attention, dtype=self.dtype, param_dtype=self.param_dtype, conv=self.conv,
+                                  **groups)
+        return (bound, None) if attention.placement == "block" else (None, bound)
 
 
 def _stem(stem: str, features: int, conv: ModuleDef, norm: ModuleDef) -> Callable[[jnp.ndarray], jnp.ndarray]:

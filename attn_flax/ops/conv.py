@@ -439,16 +439,20 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
 
 
 class Conv(nn.Module):
-    """Drop-in for ``nn.Conv`` on NHWC maps (same parameters, names, shapes and init) using :func:`conv2d`.
+    """Drop-in for ``nn.Conv`` on NHWC maps and NWC sequences (same parameters, names, shapes and init) using
+    :func:`conv2d`.
 
-    Supports what the ResNets and attention modules use: 2-D kernels given as pairs, ``strides``, ``padding`` ('SAME',
-    'VALID', ints or pairs), ``kernel_dilation``, ``use_bias``, ``dtype``/``param_dtype``/``precision``.
-    Grouped convs (``feature_group_count > 1``) run through XLA's native path. ``impl`` is 'auto' (matrix-
-    product gradients when lowered for CPU), 'xla' or 'matmul'; None takes :func:`default_impl`'s scope.
+    Supports what the ResNets and attention modules use: 2-D kernels given as pairs on [N, H, W, C] input, 1-D
+    kernels (an int or one size, as ``nn.Conv`` reads them; ECA's conv across channels) on [N, W, C] input,
+    ``strides``, ``padding`` ('SAME', 'VALID', ints or pairs), ``kernel_dilation``, ``use_bias``,
+    ``dtype``/``param_dtype``/``precision``. A 1-D conv runs as the 2-D conv of a one-row map with a 1 x k kernel;
+    its parameter keeps ``nn.Conv``'s (k, C_in, C_out) shape. Grouped convs (``feature_group_count > 1``) run
+    through XLA's native path. ``impl`` is 'auto' (matrix-product gradients when lowered for CPU), 'xla' or
+    'matmul'; None takes :func:`default_impl`'s scope.
     """
 
     features: int
-    kernel_size: Sequence[int]
+    kernel_size: Union[int, Sequence[int]]
     strides: Union[None, int, Sequence[int]] = 1
     padding: PaddingLike = "SAME"
     input_dilation: Union[None, int, Sequence[int]] = 1
@@ -464,35 +468,67 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        if isinstance(self.kernel_size, (int, np.integer)):
-            raise ValueError(f"kernel_size must be a pair such as ({self.kernel_size}, {self.kernel_size}); "
-                             "nn.Conv reads an int as a 1-D kernel")
-        kernel_size = _pair(self.kernel_size, "kernel_size")
-        strides, dilation = _pair(self.strides, "strides"), _pair(self.kernel_dilation, "kernel_dilation")
+        one_d = isinstance(self.kernel_size, (int, np.integer)) or len(self.kernel_size) == 1
+        if one_d:
+            if inputs.ndim != 3:
+                raise ValueError(f"attn_flax.ops.Conv with the 1-D kernel_size {self.kernel_size!r} takes [N, W, C] "
+                                 f"input, got shape {inputs.shape}; write kernel_size=(k, k) for a 2-D conv")
+            kernel_size = (1, _single(self.kernel_size, "kernel_size"))
+            strides = (1, _single(self.strides, "strides"))
+            dilation = (1, _single(self.kernel_dilation, "kernel_dilation"))
+            padding = self.padding if isinstance(self.padding, str) else ((0, 0), _single_padding(self.padding))
+            inputs = inputs[:, None]
+        else:
+            if inputs.ndim != 4:
+                raise ValueError(f"attn_flax.ops.Conv with the 2-D kernel_size {tuple(self.kernel_size)!r} takes NHWC "
+                                 f"input, got shape {inputs.shape}")
+            kernel_size = _pair(self.kernel_size, "kernel_size")
+            strides, dilation = _pair(self.strides, "strides"), _pair(self.kernel_dilation, "kernel_dilation")
+            padding = self.padding
         if _pair(self.input_dilation, "input_dilation") != (1, 1):
             raise ValueError("attn_flax.ops.Conv has no input_dilation; use nn.Conv for transposed convs")
-        if inputs.ndim != 4:
-            raise ValueError(f"attn_flax.ops.Conv takes NHWC input, got shape {inputs.shape}")
         in_features = inputs.shape[-1]
         if in_features % self.feature_group_count:
             raise ValueError(f"{in_features} input channels are not divisible by feature_group_count "
                              f"{self.feature_group_count}")
         kernel_shape = kernel_size + (in_features // self.feature_group_count, self.features)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape[1:] if one_d else kernel_shape, self.param_dtype)
+        kernel = kernel.reshape(kernel_shape)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         impl = self.impl or _default_impl[-1]
         _check_impl(impl)
         if self.feature_group_count == 1:
-            y = conv2d(inputs, kernel, strides, self.padding, dilation, impl=impl, precision=self.precision)
+            y = conv2d(inputs, kernel, strides, padding, dilation, impl=impl, precision=self.precision)
         else:
-            padding = explicit_padding(self.padding, inputs.shape[1:3], kernel_size, strides, dilation)
+            padding = explicit_padding(padding, inputs.shape[1:3], kernel_size, strides, dilation)
             y = lax.conv_general_dilated(inputs, kernel, strides, padding, rhs_dilation=dilation,
                                          dimension_numbers=_DIMENSION_NUMBERS,
                                          feature_group_count=self.feature_group_count, precision=self.precision)
         if bias is not None:
             y = y + bias
-        return y
+        return y[:, 0] if one_d else y
+
+
+def _single(value: Union[None, int, Sequence[int]], name: str) -> int:
+    """An int (or None, meaning 1), or a length-1 sequence, for a 1-D conv."""
+    if value is None:
+        return 1
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if len(value) != 1:
+        raise ValueError(f"{name} must be an int or one int for a 1-D conv, got {value!r}")
+    return int(value[0])
+
+
+def _single_padding(padding: PaddingLike) -> tuple[int, int]:
+    """A 1-D conv's padding given as an int, one int or one (low, high) pair, as (low, high)."""
+    if isinstance(padding, (int, np.integer)):
+        return (int(padding), int(padding))
+    if len(padding) != 1:
+        raise ValueError(f"padding {padding!r} must be an int, one int or one (low, high) pair for a 1-D conv")
+    pair = padding[0]
+    return (int(pair), int(pair)) if isinstance(pair, (int, np.integer)) else tuple(int(p) for p in pair)
 
 
 def _pair(value: Union[None, int, Sequence[int]], name: str) -> tuple[int, int]:

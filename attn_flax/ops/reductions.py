@@ -1,4 +1,4 @@
-"""Global poolings over the spatial axes of an NHWC map, as the CBAM channel gate uses them.
+"""Global poolings and reductions over the axes of an NHWC map, shared by the attention modules and the networks.
 
 Reductions run in at least float32 (:func:`accumulation_dtype`), since a bfloat16 sum over thousands of positions
 loses most of its mantissa, and in float64 for a float64 input; the result is cast back to the input dtype.

@@ -4,6 +4,7 @@ The official ResNet (Jongchan/attention-module, ``MODELS/model_resnet.py``) init
 every conv weight Kaiming-normal with ``mode='fan_out'``, the FC weight Kaiming-normal (fan-in), every
 BatchNorm scale 1 except the CBAM spatial-gate BN scale (0), and every bias 0. Linear layers inside the
 attention MLPs keep PyTorch's default ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+Shared by the attention modules and the networks, so it sits on the floor both build on.
 """
 from flax import linen as nn
 
