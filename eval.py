@@ -10,13 +10,12 @@ padded with masked examples). Exit codes: 0 done, 2 a command line or directory 
 line on stderr), 1 no checkpoint could be read.
 """
 import json
-import os
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from attn_flax import cli, ops
+from attn_flax import cli, ops, paths
 
 PROGRAM = "eval.py"
 FLAGS = flags.FLAGS
@@ -87,10 +86,9 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)
     check_flags(argv)
     result = cli.run_or_fail(PROGRAM, score)
-    output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.checkpoint, "eval.json")
+    output = paths.resolve(FLAGS.output or paths.resolve(FLAGS.workdir or FLAGS.checkpoint) / "eval.json")
     line = json.dumps(result, sort_keys=True)
-    with open(output, "w", encoding="utf-8") as f:
-        f.write(line + "\n")
+    output.write_text(line + "\n")
     print(line, flush=True)
 
 

@@ -8,12 +8,11 @@ figure. Both workdirs must have been trained on the same dataset. Exit codes: 0 
 drawn (one line on stderr), 1 no checkpoint could be read.
 """
 import json
-import os
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from attn_flax import cli
+from attn_flax import cli, paths
 
 PROGRAM = "visualize.py"
 FLAGS = flags.FLAGS
@@ -67,8 +66,9 @@ def draw() -> list[str]:
              for run in runs]
     images = visualization.denormalise(batch["image"], info.mean, info.std)
 
-    os.makedirs(FLAGS.output, exist_ok=True)
-    paths = []
+    output = paths.resolve(FLAGS.output)
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
     for i, image in enumerate(images):
         true = info.class_names[batch["label"][i]]
         rows = [visualization.Explanation(
@@ -76,17 +76,18 @@ def draw() -> list[str]:
                                     float(view.probabilities[i]), true),
             {label: m[i] for label, m in view.maps.items()}, view.grad_cam[i]) for run, view in zip(runs, views)]
         fig = visualization.figure(np.asarray(image), rows, panel_pixels=FLAGS.panel_size)
-        paths.append(os.path.join(FLAGS.output, f"attention_{i:03d}.png"))
-        fig.savefig(paths[-1])
-    return paths
+        written.append(output / f"attention_{i:03d}.png")
+        with written[-1].open("wb") as f:  # through epath: the output may be gs://
+            fig.savefig(f, format="png")
+    return [str(p) for p in written]
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(PROGRAM, f"unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.ERROR)
-    paths = cli.run_or_fail(PROGRAM, draw)
-    print(json.dumps({"output": os.path.abspath(FLAGS.output), "figures": len(paths)}), flush=True)
+    figures = cli.run_or_fail(PROGRAM, draw)
+    print(json.dumps({"output": str(paths.resolve(FLAGS.output)), "figures": len(figures)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ writes ``DIR/model.json`` (what :func:`load_converted` needs to rebuild the mode
 Orbax checkpoint of ``{'params', 'batch_stats'}``).
 """
 import argparse
+import io
 import json
-import pathlib
 import re
 import sys
 from typing import Any, Mapping, Optional, Sequence
@@ -28,9 +28,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import linen as nn
 
-from attn_flax import cli, models
+from attn_flax import cli, models, paths
 
 DEPTHS = (18, 34, 50, 101, 152)
 ATTENTIONS = (None, "cbam", "bam")
@@ -234,12 +235,12 @@ def model_spec(model: nn.Module, depth: int, attention: Optional[str], stem: str
             "num_classes": model.num_classes}
 
 
-def save_converted(directory: str | pathlib.Path, spec: Mapping[str, Any], variables: Mapping[str, Any],
-                   *, force: bool = False) -> pathlib.Path:
+def save_converted(directory: paths.PathLike, spec: Mapping[str, Any], variables: Mapping[str, Any],
+                   *, force: bool = False) -> epath.Path:
     """Writes ``model.json`` (the model spec) and an Orbax checkpoint of ``variables`` under ``directory``."""
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory)  # local or gs://
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / VARIABLES_DIR, dict(variables), force=force)
@@ -247,11 +248,11 @@ def save_converted(directory: str | pathlib.Path, spec: Mapping[str, Any], varia
     return directory
 
 
-def load_converted(directory: str | pathlib.Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_converted(directory: paths.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuilds the model described by ``DIR/model.json`` and restores its variables from ``DIR/variables``."""
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory)
     spec = json.loads((directory / MODEL_FILE).read_text())
     model = models.create_model(spec["model"], num_classes=spec["num_classes"], attention=spec["attention"],
                                 stem=spec["stem"], **spec.get("attention_options", {}))
@@ -264,17 +265,18 @@ class CheckpointReadError(ValueError):
     """The official checkpoint file is missing or cannot be read."""
 
 
-def read_checkpoint(path: str | pathlib.Path) -> Mapping[str, Any]:
+def read_checkpoint(path: paths.PathLike) -> Mapping[str, Any]:
     """Reads an official ``.pth.tar`` (a bare state dict or the training wrapper) with ``weights_only=True``."""
-    if not pathlib.Path(path).is_file():
+    if not paths.resolve(path).is_file():
         raise CheckpointReadError(f"--checkpoint {path} does not exist; give the path of an official .pth.tar")
     try:
         import torch
     except ImportError as error:
         raise CheckpointReadError("reading a PyTorch checkpoint needs torch: pip install 'attn_flax[torch]'") \
             from error
+    source = io.BytesIO(paths.resolve(path).read_bytes()) if paths.is_uri(path) else path  # torch opens local only
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated, not a checkpoint, or pickled objects torch refuses
         reason = str(error).split(". ")[0] if str(error) else type(error).__name__
         raise CheckpointReadError(f"--checkpoint {path} cannot be read as a PyTorch checkpoint ({reason}); it may be "
@@ -295,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite an existing converted checkpoint")
     args = parser.parse_args(argv)
 
-    if (pathlib.Path(args.output) / VARIABLES_DIR).exists() and not args.force:
+    if (paths.resolve(args.output) / VARIABLES_DIR).exists() and not args.force:
         print(f"{args.output} already holds a converted checkpoint; pass --force to overwrite it", file=sys.stderr)
         return 1
     try:
@@ -308,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(error, file=sys.stderr)
         return 1
     spec = model_spec(model, args.depth, args.attention, args.stem)
-    spec["source"] = str(pathlib.Path(args.checkpoint).name)
+    spec["source"] = paths.resolve(args.checkpoint).name
     output = save_converted(args.output, spec, variables, force=args.force)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
     print(f"wrote {output}: {spec['model']} attention={spec['attention']} stem={spec['stem']} "

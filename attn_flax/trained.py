@@ -9,13 +9,12 @@ converted directory (``python -m attn_flax.convert``) holds ``model.json`` and `
 """
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import ml_collections
 from flax import linen as nn
 
-from attn_flax import convert, data
+from attn_flax import convert, data, paths
 from attn_flax.training import checkpoints, setup, sharding
 from attn_flax.training.config_checks import ConfigError
 from attn_flax.training.state import abstract_state
@@ -46,12 +45,11 @@ def _tuples(value: Any) -> Any:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The run's config from ``WORKDIR/config.json``, with JSON lists turned back into tuples."""
-    path = os.path.join(workdir, setup.CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = paths.resolve(workdir) / setup.CONFIG_FILE
+    if not path.is_file():
         raise LoadError(f"{workdir} is not a training workdir: it has no {setup.CONFIG_FILE} (train.py writes one); "
                         "for a converted official checkpoint use --checkpoint")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
 
 
 def from_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> TrainedModel:
@@ -76,14 +74,14 @@ def from_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
     if restored is None:
         raise LoadError(f"{workdir} has no checkpoint yet")
     variables, meta = restored
-    return TrainedModel(model, dict(variables), source=os.path.abspath(workdir), config=config,
+    return TrainedModel(model, dict(variables), source=str(paths.resolve(workdir)), config=config,
                         step=int(meta["step"]))
 
 
 def from_converted(directory: str) -> TrainedModel:
     """A converted official checkpoint (``model.json`` + ``variables/``); raises :class:`LoadError` if absent."""
-    if not os.path.isfile(os.path.join(directory, convert.MODEL_FILE)):
+    if not (paths.resolve(directory) / convert.MODEL_FILE).is_file():
         raise LoadError(f"{directory} is not a converted checkpoint: it has no {convert.MODEL_FILE} (write one with "
                         "python -m attn_flax.convert); for a training run use --workdir")
     model, variables = convert.load_converted(directory)
-    return TrainedModel(model, dict(variables), source=os.path.abspath(directory))
+    return TrainedModel(model, dict(variables), source=str(paths.resolve(directory)))

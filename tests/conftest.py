@@ -69,3 +69,18 @@ def imagenet_dir(tmp_path_factory) -> str:
 
 IMAGENET_NUM_TRAIN = 1000 + 22 + 1
 IMAGENET_NUM_VAL = 300
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A local GCS server with one empty bucket (tests/gcs_server.py), started once for the session and stopped after
+    it. Fails (never skips) when it cannot start. Port 443 is machine-wide: the tests that use it share one
+    xdist group."""
+    import gcs_server as emulator
+
+    state = tmp_path_factory.mktemp("gcs_emulator")
+    server = emulator.start(state, free_port())
+    try:
+        yield server
+    finally:
+        emulator.stop(state)

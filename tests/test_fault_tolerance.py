@@ -291,3 +291,48 @@ def test_a_process_killed_in_a_two_process_run_makes_the_other_exit(tmp_path, da
     assert procs[0].returncode != 0
     assert "heartbeat" in err or "distributed service detected fatal errors" in err, err[-3000:]
     assert committed_steps(workdir)
+
+
+ONE_HOST_CANNOT_READ = """
+import os, runpy, sys
+from attn_flax.training import checkpoints
+check_readable = checkpoints.check_readable
+def cannot_read(step_dir):
+    if step_dir.name == os.environ.get("UNREADABLE_STEP"):
+        raise OSError("simulated: this host cannot read it")
+    return check_readable(step_dir)
+checkpoints.check_readable = cannot_read
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+"""Runs train.py (argv[1:]) with step $UNREADABLE_STEP unreadable for this process only."""
+
+
+@pytest.mark.xdist_group("multi_process")
+def test_processes_that_disagree_on_the_newest_readable_checkpoint_restore_the_newest_all_can_read(
+        tmp_path, data_dir):
+    """Checkpoints 2 and 4; process 1 of 2 cannot read 4: both processes resume from 2 (not 4 and 2), 4 is moved
+    aside, saved anew, and the run finishes."""
+    short = dict(TINY, schedule="constant", warmup_epochs=0.0, log_every_steps=2, checkpoint_every_steps=2,
+                 eval_batch_size=24)
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config_of(data_dir, **short, num_train_steps=4), workdir)
+    assert committed_steps(workdir) == [2, 4]
+    args = [sys.executable, "-c", ONE_HOST_CANNOT_READ, *train_args(workdir, data_dir, **short, num_train_steps=6)[1:],
+            f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen(args + [f"--process_id={i}"], env={**env, "UNREADABLE_STEP": "4" if i else ""},
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        (out_0, err_0), (_, err_1) = [p.communicate(timeout=420) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], err_0[-3000:] + err_1[-3000:]
+    assert "resuming from the checkpoint at step 2" in out_0
+    assert re.search(r"checkpoint 4 in \S+ cannot be restored \(OSError: simulated", err_1), err_1[-3000:]
+    assert re.search(r"checkpoint 4 in \S+ cannot be read by every process of the run; all of them restore step 2",
+                     err_0), err_0[-3000:]
+    assert [d.split("-")[0] for d in os.listdir(os.path.join(workdir, checkpoints.DAMAGED))] == ["4"]
+    assert committed_steps(workdir) == [2, 4, 6]

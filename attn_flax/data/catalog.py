@@ -73,7 +73,7 @@ def prepare_command(name: str, data_dir: str | None) -> str:
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
     root = data_dir or default_data_dir()
     if base_name(name) == "imagenet2012":
-        manual = os.path.join(root, "downloads", "manual")
+        manual = str(epath.Path(root) / "downloads" / "manual")
         found = [f for f in IMAGENET_ARCHIVES if (epath.Path(manual) / f).exists()]
         where = (f"the archives are in {manual}" if len(found) == len(IMAGENET_ARCHIVES) else
                  f"put {' and '.join(IMAGENET_ARCHIVES)} (the manual download from image-net.org) in {manual}")

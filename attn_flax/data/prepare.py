@@ -94,7 +94,7 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
             return f"{name} in {builder.data_dir}: array_record added in {time.perf_counter() - start:.1f} s"
         return f"{name} is already prepared in {builder.data_dir}"
     manual = builder.MANUAL_DOWNLOAD_INSTRUCTIONS is not None
-    manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
+    manual_dir = manual_dir or str(epath.Path(data_dir) / "downloads" / "manual")
     if catalog.base_name(name) == "imagenet2012":
         _check_archives(manual_dir)
     elif manual and not epath.Path(manual_dir).is_dir():

@@ -8,17 +8,25 @@ so a process killed mid-save leaves only a temporary directory, which the next r
 checkpoint that cannot be read (corrupt, truncated, missing files) is skipped with a warning, the previous one is
 used, and the unreadable one is moved to ``WORKDIR/checkpoints_damaged/<step>-<time>``: kept for inspection,
 out of the way of the step's next save and of ``max_to_keep``, which then never counts it as a good checkpoint.
+
+The workdir may be local or ``gs://BUCKET/...``: every path goes through ``etils.epath`` (:mod:`attn_flax.paths`).
+In a multi-process run the processes agree on the step they restore: each checks which checkpoints it can read
+on its own, and all restore the newest one that every process can read (:func:`agreed_step`).
 """
 import contextlib
+import functools
 import logging
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
+from attn_flax import paths
 from attn_flax.training.state import TrainState
 
 STATE = "state"
@@ -30,9 +38,9 @@ class CheckpointError(RuntimeError):
     """No checkpoint in the directory could be restored, or one does not match the run."""
 
 
-def directory(workdir: str) -> str:
-    """``WORKDIR/checkpoints``."""
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def directory(workdir: paths.PathLike) -> epath.Path:
+    """``WORKDIR/checkpoints`` (absolute when local; a ``gs://`` workdir stays a ``gs://`` path)."""
+    return paths.resolve(workdir) / "checkpoints"
 
 
 def create_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -45,7 +53,7 @@ def create_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.C
 def has_checkpoint(workdir: str) -> bool:
     """Whether ``WORKDIR/checkpoints`` holds a committed step."""
     path = directory(workdir)
-    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+    return path.is_dir() and any(child.name.isdigit() for child in path.iterdir())
 
 
 @contextlib.contextmanager
@@ -85,17 +93,31 @@ def latest_meta(workdir: str) -> Optional[dict[str, Any]]:
     the directory).
     """
     path = directory(workdir)
-    if not os.path.isdir(path):
+    if not path.is_dir():
         return None
-    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                               active_processes={jax.process_index()})
-    with _quiet_absl(), ocp.Checkpointer(ocp.JsonCheckpointHandler(), multiprocessing_options=alone) as reader:
-        for step in sorted(ocp.path.step.checkpoint_steps(path), reverse=True):
-            try:
-                return dict(reader.restore(os.path.join(path, str(step), META)))
-            except Exception:  # noqa: BLE001 - an unreadable one is dealt with by restore_latest
-                continue
+    for step in sorted(ocp.path.step.checkpoint_steps(path), reverse=True):
+        try:
+            return _read_meta(path / str(step))
+        except Exception:  # noqa: BLE001 - an unreadable one is dealt with by restore_latest
+            continue
     return None
+
+
+def _alone() -> ocp.options.MultiprocessingOptions:
+    """Orbax options for reading with this process only (no barrier with the others)."""
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+
+
+def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
+    with _quiet_absl(), ocp.Checkpointer(ocp.JsonCheckpointHandler(), multiprocessing_options=_alone()) as reader:
+        return dict(reader.restore(step_dir / META))
+
+
+def check_readable(step_dir: epath.Path) -> None:
+    """Raises when this process cannot read the checkpoint in ``step_dir``: its meta, or the description of its
+    state's arrays (a missing ``state``, a damaged ``_METADATA``). Reads a few small files, with no collective."""
+    _read_meta(step_dir)
+    ocp.PyTreeCheckpointHandler(multiprocessing_options=_alone()).metadata(step_dir / STATE)
 
 
 class _DropOrbaxErrors(logging.Filter):
@@ -127,16 +149,16 @@ def _reason(err: BaseException) -> str:
 def _ensure_directory(manager: ocp.CheckpointManager) -> None:
     """Recreates the checkpoint directory if it vanished during the run (saying so: the checkpoints in it are
     gone); raises :class:`CheckpointError` when something else stands at its path."""
-    directory = os.fspath(manager.directory)
-    if os.path.isdir(directory):
+    directory = epath.Path(manager.directory)
+    if directory.is_dir():
         return
-    if os.path.exists(directory):
+    if directory.exists():
         raise CheckpointError(f"cannot save checkpoints: {directory} is no longer a directory; move what is there "
                               "away, then the same command resumes from the newest checkpoint left, if any")
     logging.warning("the checkpoint directory %s was removed during the run; saving the next checkpoints in a new "
                     "one (the removed ones are gone)", directory)
     if jax.process_index() == 0:
-        os.makedirs(directory, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
     manager.reload()
 
 
@@ -209,41 +231,83 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_variables:
                                   f"model has {tuple(want.shape)}; was config.json edited?")
 
 
+def agreed_step(steps: list[int], readable: Callable[[int], bool]) -> Optional[int]:
+    """The newest of ``steps`` that ``readable`` holds for on every process; None when there is none.
+
+    Each process passes its own listing and its own check. With several processes this is a collective (every
+    process calls it, equally often): they exchange their newest readable step and take the oldest of those,
+    then check that every process can read that one, going further back until all can. So a host that cannot
+    read step N makes all of them restore the same older step, instead of resuming from different steps.
+    """
+    bound = None
+    while True:
+        mine = next((s for s in sorted(steps, reverse=True) if (bound is None or s <= bound) and readable(s)), -1)
+        if jax.process_count() == 1:
+            return mine if mine >= 0 else None
+        step = int(np.min(multihost_utils.process_allgather(np.int32(mine))))
+        if step < 0:
+            return None
+        if np.all(multihost_utils.process_allgather(np.int32(step in steps and readable(step)))):
+            return step
+        bound = step - 1
+
+
 def _newest_readable(manager: ocp.CheckpointManager, state_args: Any, *, move_damaged: bool
                      ) -> Optional[tuple[Any, dict[str, Any]]]:
-    """Restores the newest checkpoint that reads with ``state_args``, warning about each newer one that does not
-    (moved aside with ``move_damaged``); raises :class:`CheckpointError` when none reads."""
-    failures: list[tuple[int, str]] = []
-    for step in sorted(manager.all_steps(), reverse=True):
+    """Restores the newest checkpoint that every process can read with ``state_args`` (:func:`agreed_step`),
+    warning about each newer one that does not read (all newer ones moved aside with ``move_damaged``); raises
+    :class:`CheckpointError` when there are checkpoints but none reads."""
+    base, failures = epath.Path(manager.directory), {}
+
+    def failed(step: int, err: Exception) -> None:
+        failures[step] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        logging.warning("checkpoint %d in %s cannot be restored (%s); trying an older one", step, base,
+                        failures[step])
+
+    @functools.cache
+    def readable(step: int) -> bool:
+        try:
+            check_readable(base / str(step))
+            return True
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped, the reason reported
+            failed(step, err)
+            return False
+
+    steps = sorted(manager.all_steps())
+    bound = None
+    while (step := agreed_step([s for s in steps if bound is None or s <= bound], readable)) is not None:
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**{STATE: state_args,
                                                                         META: ocp.args.JsonRestore()}))
-        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped, the reason reported
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            logging.warning("checkpoint %d in %s cannot be restored (%s); trying an older one",
-                            step, manager.directory, reason)
-            failures.append((step, reason))
+        except Exception as err:  # noqa: BLE001 - e.g. array data damaged under intact metadata
+            failed(step, err)
+            bound = step - 1
             continue
-        if failures and move_damaged:
-            move_aside(manager, [s for s, _ in failures])
+        elsewhere = [s for s in steps if s > step and s not in failures]
+        if elsewhere:
+            logging.warning("checkpoint %s in %s cannot be read by every process of the run; all of them restore "
+                            "step %d", ", ".join(map(str, elsewhere)), base, step)
+        if move_damaged and (steps[-1] > step or jax.process_count() > 1):
+            move_aside(manager, newer_than=step)
         return restored[STATE], dict(restored[META])
-    if failures:
-        raise CheckpointError(
-            f"none of the checkpoints in {manager.directory} could be restored ({failures[0][1]}); move the "
-            "directory away to start afresh")
+    if steps:
+        reason = next(iter(failures.values()), "no step can be read by every process of the run")
+        raise CheckpointError(f"none of the checkpoints in {base} could be restored ({reason}); move the "
+                              "directory away to start afresh")
     return None
 
 
-def move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-    """Moves checkpoints ``steps`` to ``WORKDIR/checkpoints_damaged/<step>-<unix time>`` (process 0 moves, every
-    process waits for it) and makes ``manager`` forget them, so the run can save those steps again."""
-    directory = os.fspath(manager.directory)
+def move_aside(manager: ocp.CheckpointManager, *, newer_than: int) -> None:
+    """Moves the checkpoints after step ``newer_than`` to ``WORKDIR/checkpoints_damaged/<step>-<unix time>``
+    (process 0 lists and moves, every process waits for it) and makes ``manager`` forget them, so the run can save
+    those steps again."""
+    directory = epath.Path(manager.directory)
     if jax.process_index() == 0:
-        damaged = os.path.join(os.path.dirname(directory), DAMAGED)
-        os.makedirs(damaged, exist_ok=True)
-        for step in steps:
-            target = os.path.join(damaged, f"{step}-{int(time.time())}")
-            os.rename(os.path.join(directory, str(step)), target)
+        damaged = directory.parent / DAMAGED
+        damaged.mkdir(parents=True, exist_ok=True)
+        for step in sorted(s for s in manager.all_steps() if s > newer_than):
+            target = damaged / f"{step}-{int(time.time())}"
+            (directory / str(step)).rename(target)
             logging.warning("moved the unreadable checkpoint %d to %s", step, target)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("attn_flax_checkpoints_moved_aside")

@@ -3,14 +3,16 @@ training metrics gathered between two logging steps.
 
 Only process 0 writes; other processes get a writer that does nothing, so callers need no condition.
 """
+import contextlib
 import json
-import os
 import time
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 from flax.metrics import tensorboard
+
+from attn_flax import paths
 
 
 def _plain(value: Any) -> Any:
@@ -20,14 +22,20 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends metric events; resuming a run keeps appending to the same files."""
+    """Appends metric events; resuming a run keeps appending to the same files.
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    Each event is flushed as it is written, so a killed run keeps its metrics; on ``gs://`` (which has no
+    append) TensorFlow's file system re-uploads ``metrics.jsonl`` at each flush, a few kB per logging step.
+    """
+
+    def __init__(self, workdir: paths.PathLike, *, enabled: bool = True):
         self._enabled = enabled
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-            self._tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            root = paths.resolve(workdir)
+            root.mkdir(parents=True, exist_ok=True)
+            self._files = contextlib.ExitStack()  # epath's open is a context manager on gs://, a file locally
+            self._jsonl = self._files.enter_context((root / "metrics.jsonl").open("a"))
+            self._tensorboard = tensorboard.SummaryWriter(str(root / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self._enabled:
@@ -42,13 +50,13 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._enabled:
-            self._jsonl.close()
+            self._files.close()
             self._tensorboard.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All events of ``WORKDIR/metrics.jsonl``, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    with (paths.resolve(workdir) / "metrics.jsonl").open() as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -8,7 +8,6 @@ for loading a trained model alike.
 """
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import jax
@@ -17,7 +16,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from attn_flax import data, models
+from attn_flax import data, models, paths
 from attn_flax.training import checkpoints, config_checks, durations, optim, sharding
 from attn_flax.training.config_checks import ConfigError
 
@@ -102,17 +101,17 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> Optional[d
     workdir is a file, or when its checkpoint was made with other :data:`RESUME_FIELDS` or, per its
     ``config.json``, another architecture (:data:`ARCHITECTURE_FIELDS`): such a run cannot continue that one.
     """
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    root = paths.resolve(workdir)
+    if root.exists() and not root.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory path (it is created "
                           "if missing)")
     meta = checkpoints.latest_meta(workdir)
     if meta is None:
         return None
     changed = [(k, meta.get(k), config[k]) for k in RESUME_FIELDS if meta.get(k) != config[k]]
-    saved_config = os.path.join(workdir, CONFIG_FILE)
-    if os.path.isfile(saved_config):
-        with open(saved_config, encoding="utf-8") as f:
-            saved = json.load(f)
+    saved_config = root / CONFIG_FILE
+    if saved_config.is_file():
+        saved = json.loads(saved_config.read_text())
         changed += [(k, saved.get(k), config.get(k)) for k in ARCHITECTURE_FIELDS
                     if k in saved and _as_json(saved[k]) != _as_json(config.get(k))]
     if changed:
@@ -125,6 +124,6 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> Optional[d
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """``WORKDIR/config.json``: the resolved config of a run that starts (process 0 only)."""
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        root = paths.resolve(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
