@@ -10,7 +10,6 @@ anything compiles); 1 when training stopped on an error (a non-finite loss, no r
 line. A run killed outright (``kill -9``, a lost machine) resumes from its latest checkpoint, exactly.
 """
 import os
-import re
 import sys
 from typing import NoReturn, Optional
 
@@ -44,13 +43,7 @@ def fail(message: str, code: int) -> NoReturn:
 
 def unknown_field(err: Exception, argv: list[str]) -> NoReturn:
     """Exits in one line for ml_collections' error on ``--config.KEY=V`` naming a field the config lacks."""
-    lines = str(err.args[0] if err.args else err).replace("\\n", "\n").replace("\\'", "'").strip("'\"")
-    lines = lines.splitlines()
-    key = lines[0].strip("'\"") if lines else "?"
-    given = [a.split("=")[0] for a in argv[1:] if re.match(rf"--config\.([\w.]+\.)?{re.escape(key)}(=|$)", a)]
-    hint = f" ({lines[1].strip().rstrip('?')}?)" if len(lines) > 1 and "mean" in lines[1] else ""
-    fail(f"{given[0] if given else key}: the config has no field {key!r}{hint}; --config.KEY=VALUE sets only "
-         "fields that the config file defines (see configs/default.py)", 2)
+    fail(cli.unknown_field_message(err, argv), 2)
 
 
 try:  # ml_collections applies --config.KEY=V overrides here, at definition
@@ -61,38 +54,16 @@ except (KeyError, AttributeError) as _err:
     unknown_field(_err, sys.argv)
 
 
-def config_spec(argv: list[str]) -> Optional[str]:
-    """The last ``--config=FILE[:ARG]`` (or ``--config FILE[:ARG]``) of the command line, if any."""
-    spec = None
-    for i, arg in enumerate(argv[1:], start=1):
-        if arg.startswith("--config="):
-            spec = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            spec = argv[i + 1]
-    return spec
-
-
 def check_config_file(spec: Optional[str]) -> None:
     """Exits in one line when ``--config`` names no file (ml_collections would log a traceback and go on)."""
-    if spec is None:
-        return
-    path = spec.split(":", 1)[0]
-    if not os.path.isfile(path):
-        folder = os.path.dirname(path) or "."
-        known = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
-        fail(f"--config={spec}: the config file {path} does not exist"
-             + (f"; {folder} has {', '.join(known)}" if known else "; give the path of a config file"), 2)
-
-
-def innermost(err: BaseException) -> BaseException:
-    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
-        err = err.__cause__ or err.__context__
-    return err
+    problem = cli.config_file_problem(spec)
+    if problem:
+        fail(problem, 2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every command-line mistake reported in one line and exit code 2."""
-    check_config_file(config_spec(argv))
+    check_config_file(cli.config_spec(argv))
     try:
         rest = FLAGS(argv)
         FLAGS.config.keys()  # the config is loaded lazily: load it here so that its errors are reported as one line
@@ -102,9 +73,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (KeyError, AttributeError) as err:
         unknown_field(err, argv)
     except Exception as err:  # noqa: BLE001 - anything the config file raises is the config file's error
-        root = innermost(err)
-        fail(f"--config={config_spec(argv) or 'configs/default.py'}: the config file cannot be loaded "
-             f"({type(root).__name__}: {root})", 2)
+        fail(cli.config_load_message(cli.config_spec(argv), err), 2)
 
 
 def cluster_detected() -> bool:

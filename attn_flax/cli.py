@@ -5,9 +5,13 @@ Exit codes of the scripts: 0 done; 2 a command line or input the script cannot u
 """
 import contextlib
 import os
+import re
 import sys
 import tempfile
-from typing import Callable, Iterator, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, NoReturn, Optional, Sequence, TypeVar
+
+if TYPE_CHECKING:
+    import ml_collections
 
 T = TypeVar("T")
 
@@ -61,3 +65,77 @@ def run_or_fail(program: str, work: Callable[[], T]) -> T:
         except checkpoints.CheckpointError as err:
             error, held.show = (err, 1), False
     fail(program, str(error[0]).splitlines()[0], error[1])
+
+
+def config_spec(argv: list[str]) -> Optional[str]:
+    """The last ``--config=FILE[:ARG]`` (or ``--config FILE[:ARG]``) of the command line, if any."""
+    spec = None
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec
+
+
+def config_file_problem(spec: Optional[str]) -> Optional[str]:
+    """What is wrong with ``--config=spec`` when it names no file (ml_collections would log a traceback and go
+    on); None when the file exists or no ``--config`` was given."""
+    if spec is None:
+        return None
+    path = spec.split(":", 1)[0]
+    if os.path.isfile(path):
+        return None
+    folder = os.path.dirname(path) or "."
+    known = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+    return (f"--config={spec}: the config file {path} does not exist"
+            + (f"; {folder} has {', '.join(known)}" if known else "; give the path of a config file"))
+
+
+def unknown_field_message(err: Exception, argv: list[str]) -> str:
+    """One line for ml_collections' error on ``--config.KEY=V`` naming a field the config lacks."""
+    lines = str(err.args[0] if err.args else err).replace("\\n", "\n").replace("\\'", "'").strip("'\"")
+    lines = lines.splitlines()
+    key = lines[0].strip("'\"") if lines else "?"
+    given = [a.split("=")[0] for a in argv[1:] if re.match(rf"--config\.([\w.]+\.)?{re.escape(key)}(=|$)", a)]
+    hint = f" ({lines[1].strip().rstrip('?')}?)" if len(lines) > 1 and "mean" in lines[1] else ""
+    return (f"{given[0] if given else key}: the config has no field {key!r}{hint}; --config.KEY=VALUE sets only "
+            "fields that the config file defines (see configs/default.py)")
+
+
+def innermost(err: BaseException) -> BaseException:
+    """The exception at the root of ``err``'s chain of causes."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def config_load_message(spec: Optional[str], err: BaseException) -> str:
+    """One line for an exception raised while a config file loads: it is the config file's error."""
+    root = innermost(err)
+    return (f"--config={spec or 'configs/default.py'}: the config file cannot be loaded "
+            f"({type(root).__name__}: {root})")
+
+
+def load_config(spec: str, overrides: Sequence[str]) -> "ml_collections.ConfigDict":
+    """The config that ``train.py --config=SPEC OVERRIDES`` trains with, parsed by the same ml_collections flag
+    (``lock_config=True``); raises ``ValueError`` with the one line ``train.py`` would print."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["train.py", f"--config={spec}", *overrides]
+    problem = config_file_problem(spec)
+    if problem:
+        raise ValueError(problem)
+    values = flags.FlagValues()
+    try:  # the overrides are applied when the flag is defined, and checked when it is parsed
+        config_flags.DEFINE_config_file("config", spec, flag_values=values, lock_config=True, sys_argv=argv)
+        values(argv)
+        values.config.keys()
+        return values.config
+    except flags.Error as err:
+        raise ValueError(str(err)) from None
+    except (KeyError, AttributeError) as err:
+        raise ValueError(unknown_field_message(err, argv)) from None
+    except Exception as err:  # noqa: BLE001 - anything the config file raises is the config file's error
+        raise ValueError(config_load_message(spec, err)) from None
