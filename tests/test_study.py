@@ -68,8 +68,10 @@ def test_a_tiny_sweep_runs_resumes_skips_and_reports(tmp_path, data_dir):
     assert code == 0, err[-3000:]
     commands = out.strip().splitlines()
     assert len(commands) == 4
-    for line, run in zip(commands, runs):
-        assert shlex.split(line) == [sys.executable, os.path.join(REPO, "train.py"), *run.args]
+    for line, run in zip(commands, runs):  # train.py as a path relative to the study's directory (REPO)
+        python, script, *args = shlex.split(line)
+        assert (python, os.path.join(REPO, script), args) == (sys.executable, os.path.join(REPO, "train.py"),
+                                                              list(run.args))
     assert sorted(os.listdir(study)) == ["attention=none", sweep.PLAN_FILE], "a dry run runs nothing"
 
     code, out, err = finish(start(args), timeout=600)
@@ -84,7 +86,7 @@ def test_a_tiny_sweep_runs_resumes_skips_and_reports(tmp_path, data_dir):
         out.splitlines()[6]], out
     assert all(" done in " in out.splitlines()[i] for i in (1, 4, 6)), out
     log = (study / "attention=none" / "seed=0" / sweep.LOG_FILE).read_text()
-    assert f"$ {subprocess.list2cmdline([sys.executable, os.path.join(REPO, 'train.py'), *interrupted.args])}" in log
+    assert f"$ {subprocess.list2cmdline([sys.executable, 'train.py', *interrupted.args])}" in log
     assert "resuming from the checkpoint at step 2" in log
     assert [e["step"] for e in metrics.read_metrics(interrupted.workdir) if "train_loss" in e] == [2, 4]
     assert not os.path.exists(os.path.join(finished.workdir, sweep.LOG_FILE)), "the finished run was not started"
