@@ -58,6 +58,7 @@ def test_text_report_shows_paired_overhead_and_ratio():
     assert "0.96x torch (paired 0.90-1.02)" in cbam_line and "+8.0% vs none (+3.0 to +12.0)" in cbam_line
 
 
+@pytest.mark.heavy
 def test_table_has_a_row_per_attention_with_the_overhead(capsys):
     benchmark.main([*TINY, "--table", "--models=resnet18", "--attention=none,cbam", "--flops_image_size=16",
                     "--json"])

@@ -264,6 +264,7 @@ def test_each_bad_config_fails_in_one_line_with_exit_code_2_before_compiling(tmp
         assert not (tmp_path / name.replace(" ", "_")).exists(), "nothing ran"
 
 
+@pytest.mark.heavy
 @pytest.mark.xdist_group("multi_process")
 def test_a_process_killed_in_a_two_process_run_makes_the_other_exit(tmp_path, data_dir):
     """Process 1 of 2 is killed mid-run; process 0 exits with an error within about the heartbeat timeout
@@ -308,6 +309,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """Runs train.py (argv[1:]) with step $UNREADABLE_STEP unreadable for this process only."""
 
 
+@pytest.mark.heavy
 @pytest.mark.xdist_group("multi_process")
 def test_processes_that_disagree_on_the_newest_readable_checkpoint_restore_the_newest_all_can_read(
         tmp_path, data_dir):

@@ -25,7 +25,7 @@ import pytest
 import tiny_runs
 from attn_flax.training import checkpoints, loop
 
-pytestmark = pytest.mark.xdist_group("gcs")  # one emulator per machine (port 443): its tests run in one worker
+pytestmark = [pytest.mark.heavy, pytest.mark.xdist_group("gcs")]  # one emulator per machine (port 443): its tests run in one worker
 
 REPO = tiny_runs.REPO
 ENV = {**tiny_runs.subprocess_env(), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

@@ -18,6 +18,8 @@ from attn_flax.data import catalog, prepare, testing
 from conftest import IMAGENET_NUM_TRAIN, IMAGENET_NUM_VAL
 from test_fault_tolerance import ENV, REPO, assert_same_params, params_at
 
+pytestmark = pytest.mark.heavy
+
 IMAGENET = "configs/imagenet.py:resnet18,cbam"
 TINY_IMAGENET = {"widths": "(8,16,16,16)", "stage_sizes": "(1,1,1,1)", "image_size": 32, "batch_size": 16,
                  "eval_batch_size": 64, "bn_group_size": 8, "log_every_steps": 2, "checkpoint_every_steps": 2,

@@ -1,5 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom (tiny settings), and matches its generator."""
 import nbclient
+import pytest
 import nbformat
 
 import tiny_runs
@@ -19,6 +20,7 @@ def test_the_committed_notebook_is_what_the_generator_writes_without_outputs():
                for c in committed.cells if c.cell_type == "code")
 
 
+@pytest.mark.heavy
 def test_the_quickstart_notebook_executes_top_to_bottom(tmp_path_factory, tmp_path, monkeypatch):
     data_dir = tiny_runs.data_dir(tmp_path_factory.getbasetemp() / "tools")
     for key, value in {**tiny_runs.subprocess_env(), "ATTN_FLAX_NOTEBOOK_TINY": "1",

@@ -41,6 +41,7 @@ def one_error_line(err: str) -> str:
 # ----------------------------------------------------------------------------------------------- the tool
 
 
+@pytest.mark.heavy
 @pytest.mark.xdist_group("multi_process")
 def test_a_tiny_sweep_runs_resumes_skips_and_reports(tmp_path, data_dir):
     """2 variants x 2 seeds: the dry run prints the 4 commands the run then uses; a finished run is skipped, an

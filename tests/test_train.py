@@ -100,6 +100,7 @@ def _two_steps(run, mesh, batches):
     return losses, jax.device_get(state.params)
 
 
+@pytest.mark.heavy
 def test_four_devices_give_the_loss_of_one_device(data_dir):
     """Data parallelism does not change the maths: BatchNorm statistics and gradients are global."""
     assert jax.device_count() >= 4, "conftest.py asks XLA for 4 CPU devices"
@@ -115,6 +116,7 @@ def test_four_devices_give_the_loss_of_one_device(data_dir):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.heavy
 @pytest.mark.xdist_group("multi_process")
 def test_two_processes_over_jax_distributed(tmp_path, data_dir):
     """Two processes with 2 CPU devices each on loopback: a 4-device mesh, eval counts every example once."""
