@@ -24,6 +24,7 @@ import pytest
 
 import tiny_runs
 from attn_flax.training import checkpoints, loop
+from test_fault_tolerance import finish
 
 pytestmark = [pytest.mark.heavy, pytest.mark.xdist_group("gcs")]  # one emulator per machine (port 443): its tests run in one worker
 
@@ -43,15 +44,6 @@ def flag(value) -> str:
 def start(gcs, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(gcs.command([sys.executable, *args]), env=ENV, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return proc.returncode, out, err
 
 
 def run(gcs, args: list[str], timeout: float = 300) -> tuple[int, str, str]:
