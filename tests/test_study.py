@@ -70,9 +70,9 @@ def test_a_tiny_sweep_runs_resumes_skips_and_reports(tmp_path, data_dir):
     commands = out.strip().splitlines()
     assert len(commands) == 4
     for line, run in zip(commands, runs):  # train.py as a path relative to the study's directory (REPO)
-        python, script, *args = shlex.split(line)
-        assert (python, os.path.join(REPO, script), args) == (sys.executable, os.path.join(REPO, "train.py"),
-                                                              list(run.args))
+        python, script, *train_args = shlex.split(line)
+        assert (python, os.path.join(REPO, script), train_args) == (sys.executable, os.path.join(REPO, "train.py"),
+                                                                    list(run.args))
     assert sorted(os.listdir(study)) == ["attention=none", sweep.PLAN_FILE], "a dry run runs nothing"
 
     code, out, err = finish(start(args), timeout=600)
