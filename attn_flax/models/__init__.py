@@ -7,6 +7,10 @@
 
 Variants are one ``functools.partial`` of :class:`ResNet` away, e.g. a ResNeXt:
 ``functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck, groups=32, width_per_group=4)``.
+
+A network of your own takes attention without editing its code (:mod:`attn_flax.models.insertion`):
+
+    >>> model = models.with_attention(MyNet(), 'cbam', after='Block_*')   # after each Block_i's output
 """
 import functools
 from typing import Any, Optional
@@ -14,6 +18,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from attn_flax import attention as attention_lib
+from attn_flax.models.insertion import WithAttention, with_attention
 from attn_flax.models.resnet import STEMS, BasicBlock, Bottleneck, ModuleDef, ResNet
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
@@ -67,6 +72,6 @@ def create_model(name: str, *, num_classes: int, attention: attention_lib.Attent
 
 __all__ = [
     "MODEL_NAMES", "STEMS", "BasicBlock", "Bottleneck", "ModuleDef", "ResNet", "ResNet18", "ResNet34",
-    "ResNet50", "ResNet101", "ResNet152", "ResNeXt50_32x4d", "WideResNet50_2", "attention_factory",
-    "available", "create_model",
+    "ResNet50", "ResNet101", "ResNet152", "ResNeXt50_32x4d", "WideResNet50_2", "WithAttention",
+    "attention_factory", "available", "create_model", "with_attention",
 ]
