@@ -286,3 +286,32 @@ def test_bad_attentions_and_rules_fail_before_any_tracing():
         models.with_attention(CNN(), None, after="Block_*")
     with pytest.raises(ValueError, match="after=3 is not a rule"):
         models.with_attention(CNN(), "cbam", after=3)
+
+
+class Named(nn.Module):
+    """A user's network with a submodule of its own named 'attention'."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(4, (3, 3), name="attention")(x)
+
+
+def test_a_submodule_named_like_the_wrappers_key_fails_in_one_line():
+    with pytest.raises(ValueError, match="Named has a submodule or variable named 'attention', where the wrapper "
+                                         "keeps its attention; rename it"):
+        models.with_attention(Named(), "se", after="attention", reduction=2).init(jax.random.key(0), X)
+
+
+class Outer(nn.Module):
+    """A bigger network that holds a wrapped one."""
+
+    @nn.compact
+    def __call__(self, x):
+        return models.with_attention(CNN(), Scale, after="Block_1")(x, train=False) + 1
+
+
+def test_a_wrapped_network_inside_another_keeps_its_own_name():
+    variables = Outer().init(jax.random.key(0), X)
+    assert list(variables["params"]) == ["CNN_0"]
+    assert sorted(variables["params"]["CNN_0"]) == ["Block_0", "Block_1", "Dense_0", "attention"]
+    assert list(variables["params"]["CNN_0"]["attention"]) == ["Block_1"]

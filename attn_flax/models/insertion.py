@@ -16,7 +16,8 @@ names and places they have in the bare network (a checkpoint of the bare network
 the attention modules live under one more top-level key, ``'attention'``, keyed by the matched submodule's path
 relative to the user's module: ``params['attention']['Block_0']``, ``params['attention']['Block_1/bn2']`` (and
 ``batch_stats['attention'][...]`` for modules with BatchNorm, e.g. BAM). The names depend only on the network,
-so the same network gives the same names every time.
+so the same network gives the same names every time. A wrapped network built inside another network's compact
+method keeps the name Flax gives the user's module there (``CNN_0``), with ``'attention'`` inside it.
 
 The rule ``after``: one of, or a list/tuple of (a submodule matches when any does):
 
@@ -34,14 +35,16 @@ Limits: the attention goes after a submodule's ``__call__`` only (not after othe
 as ``nn.relu``, or the user's module itself), and only on 4-D NHWC outputs; one attention per matched module, so
 a module called twice (a shared layer) applies the same attention module, with the same parameters, after each
 call, as editing that module's code would; submodules inside lifted transforms (``nn.scan``, ``nn.remat``,
-``nn.vmap``) cannot get attention from outside the transform; a user's module with its own submodule named
-``attention`` collides with the wrapper's key.
+``nn.vmap``) cannot get attention from outside the transform; a user's module with its own submodule or variable
+named ``attention`` collides with the wrapper's key (an error says so). The placement a registered attention
+declares (``'block'``/``'stage'``, for :class:`~attn_flax.models.ResNet`) plays no part here: the rule decides.
 """
 import fnmatch
 import inspect
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax.numpy as jnp
+from flax import errors
 from flax import linen as nn
 
 from attn_flax import attention as attention_lib
@@ -163,7 +166,11 @@ class WithAttention(nn.Module):
                                  f"({type(module).__name__}), whose output {shape} is not a 4-D NHWC feature map; "
                                  "narrow the rule to the submodules that output [N, H, W, C]")
             if inserted is None:
-                inserted = _Inserted(self.attention, name=KEY, parent=self)
+                try:
+                    inserted = _Inserted(self.attention, name=KEY, parent=self)
+                except errors.NameInUseError:
+                    raise ValueError(f"with_attention: {type(self.module).__name__} has a submodule or variable "
+                                     f"named {KEY!r}, where the wrapper keeps its attention; rename it") from None
             applying = True
             try:
                 y = inserted(path, y, train=train)
