@@ -315,3 +315,17 @@ def test_a_wrapped_network_inside_another_keeps_its_own_name():
     assert list(variables["params"]) == ["CNN_0"]
     assert sorted(variables["params"]["CNN_0"]) == ["Block_0", "Block_1", "Dense_0", "attention"]
     assert list(variables["params"]["CNN_0"]["attention"]) == ["Block_1"]
+
+
+class Remat(nn.Module):
+    """A user's network whose block runs under nn.remat (a lifted transform)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.remat(Block, static_argnums=(2,))(4)(x, False)
+
+
+def test_a_module_inside_a_lifted_transform_fails_in_one_line():
+    with pytest.raises(ValueError, match=r"matches 'CheckpointBlock_0/bn' \(BatchNorm\), which runs inside a "
+                                         "lifted transform"):
+        models.with_attention(Remat(), "se", after=nn.BatchNorm, reduction=2).init(jax.random.key(0), X)

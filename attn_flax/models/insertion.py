@@ -165,6 +165,11 @@ class WithAttention(nn.Module):
                 raise ValueError(f"with_attention: after={_describe(self.after)} matches {path!r} "
                                  f"({type(module).__name__}), whose output {shape} is not a 4-D NHWC feature map; "
                                  "narrow the rule to the submodules that output [N, H, W, C]")
+            if module.scope.trace_level != self.scope.trace_level:
+                raise ValueError(f"with_attention: after={_describe(self.after)} matches {path!r} "
+                                 f"({type(module).__name__}), which runs inside a lifted transform (nn.remat, "
+                                 "nn.scan, nn.vmap, ...) where attention cannot be added from outside; narrow the "
+                                 "rule to modules outside the transform")
             if inserted is None:
                 try:
                     inserted = _Inserted(self.attention, name=KEY, parent=self)
