@@ -87,6 +87,39 @@ print("logits:", logits.shape)
 for path, value in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
     print("  ", jax.tree_util.keystr(path), value.shape)"""),
     ("markdown", """\
+## Attention in a network of your own
+
+`models.with_attention` puts a registered attention after the submodules a rule picks (path patterns such as
+`'Block_*'` or `'*/bn'`, module classes, or a predicate) without editing the network's code. The network keeps its
+parameter names; the attention's go under `params['attention'][path]`."""),
+    ("code", """\
+from flax import linen as nn
+
+
+class Block(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
+        return nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+
+
+class TinyNet(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = Block(16)(x, train)
+        x = Block(32)(x, train)
+        return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+
+tiny = models.with_attention(TinyNet(info.num_classes), "cbam", after="Block_*", reduction=4)
+tiny_variables = tiny.init(jax.random.key(0), images)
+print("params:", list(tiny_variables["params"]), "| attention at:", list(tiny_variables["params"]["attention"]))
+print("logits:", tiny.apply(tiny_variables, images).shape)"""),
+    ("markdown", """\
 ## Train a few steps
 
 The training state is one pytree (step, params, BatchNorm statistics, optimiser state, RNG key); a train step
