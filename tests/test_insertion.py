@@ -329,3 +329,9 @@ def test_a_module_inside_a_lifted_transform_fails_in_one_line():
     with pytest.raises(ValueError, match=r"matches 'CheckpointBlock_0/bn' \(BatchNorm\), which runs inside a "
                                          "lifted transform"):
         models.with_attention(Remat(), "se", after=nn.BatchNorm, reduction=2).init(jax.random.key(0), X)
+
+
+def test_the_module_built_directly_takes_a_single_rule_and_a_name():
+    model = models.WithAttention(CNN(), "se", "Block_1")
+    assert model.after == ("Block_1",) and model.attention == attention.factory("se")
+    assert list(model.init(jax.random.key(0), X, train=False)["params"]["attention"]) == ["Block_1"]

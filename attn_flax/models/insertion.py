@@ -61,11 +61,15 @@ def with_attention(module: nn.Module, attention: attention_lib.AttentionSpec = "
                    after: Union[Rule, Sequence[Rule]], **attention_options: Any) -> "WithAttention":
     """``module`` with the attention (any spec :func:`attn_flax.attention.factory` accepts, with its options)
     applied after the ``__call__`` output of every submodule that ``after`` matches; see the module docstring."""
-    factory = attention_lib.factory(attention, **attention_options)
+    return WithAttention(module=module, attention=_factory(attention, **attention_options), after=_rules(after))
+
+
+def _factory(attention: attention_lib.AttentionSpec, **options: Any) -> attention_lib.AttentionFactory:
+    factory = attention_lib.factory(attention, **options)
     if factory is None:
         raise ValueError("with_attention needs an attention (a name such as 'cbam', a module class or a partial), "
                          f"got {attention!r}; use the module itself for a network without attention")
-    return WithAttention(module=module, attention=factory, after=_rules(after))
+    return factory
 
 
 def _rules(after: Union[Rule, Sequence[Rule]]) -> tuple[Rule, ...]:
@@ -129,6 +133,12 @@ class WithAttention(nn.Module):
     module: nn.Module
     attention: attention_lib.AttentionFactory
     after: tuple[Rule, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "after", _rules(self.after))  # WithAttention(..., after='Block_*') works too
+        if not isinstance(self.attention, attention_lib.AttentionFactory):
+            object.__setattr__(self, "attention", _factory(self.attention))
+        super().__post_init__()
 
     def setup(self):
         nn.share_scope(self, self.module)
