@@ -146,7 +146,8 @@ class WithAttention(nn.Module):
     @nn.compact
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs, train = self._train_mode(args, kwargs)
-        root = len(self.scope.path)
+        prefix = tuple(self.scope.path)
+        root = len(prefix)
         inserted: Optional[_Inserted] = None
         seen: dict[str, str] = {}
         applied: set[str] = set()
@@ -159,7 +160,7 @@ class WithAttention(nn.Module):
             if applying or context.method_name != "__call__" or module.scope is None:
                 return next_fun(*call_args, **call_kwargs)
             full = tuple(module.scope.path)
-            if len(full) <= root or full in running or isinstance(module, _Inserted):
+            if len(full) <= root or full[:root] != prefix or full in running or isinstance(module, _Inserted):
                 return next_fun(*call_args, **call_kwargs)
             path = "/".join(full[root:])
             seen.setdefault(path, type(module).__name__)
