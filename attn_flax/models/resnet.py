@@ -137,6 +137,8 @@ class ResNet(nn.Module):
       num_classes: classifier outputs.
       widths: each stage's block width ("planes"); the stem has ``widths[0]`` channels.
       stem: 'imagenet' (7x7/2 conv + max-pool) or 'cifar' (3x3/1 conv, no pool).
+      stem_width: the stem's channels; None gives ``widths[0]``. A widened ResNet keeps 64 (Zagoruyko &
+        Komodakis widen the residual blocks only), which gives the CBAM paper's WideResNet-18 counts.
       attention: None, a registered name (``'cbam'``), an :class:`~attn_flax.attention.AttentionFactory`, a module
         class or a ``functools.partial`` of one (see :func:`attn_flax.attention.factory`). A ``'block'``
         attention gives one module per residual block, a ``'stage'`` one after every stage but the last.
@@ -158,6 +160,7 @@ class ResNet(nn.Module):
     num_classes: int
     widths: Sequence[int] = (64, 128, 256, 512)
     stem: str = "imagenet"
+    stem_width: Optional[int] = None
     attention: attention_lib.AttentionSpec = None
     groups: int = 1
     width_per_group: int = 64
@@ -181,7 +184,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         conv, norm = self._layers(train)
         x = jnp.asarray(x, self.dtype)
-        x = _stem(self.stem, self.widths[0], conv, norm)(x)
+        x = _stem(self.stem, self.stem_width or self.widths[0], conv, norm)(x)
         x = self._stages(x, conv, norm, train=train)
         return self._head(x)
 
