@@ -110,7 +110,7 @@ def create_model(name: str, *, num_classes: int, attention: attention_lib.Attent
     elif own is not None and stem != own:
         config = "configs/cifar100.py" if own == "cifar" else "configs/imagenet.py"
         raise ValueError(f"{name} is a network for {_DATASET_OF_STEM[own]} only (stem {own!r}) and cannot take "
-                         f"stem {stem!r}; use it with a {_DATASET_OF_STEM[own]} config such as {config}")
+                         f"stem {stem!r}; use it with a config such as {config}")
     return _MODELS[name](num_classes=num_classes, stem=stem, dtype=dtype, zero_init_last_bn=zero_init_last_bn,
                          bn_group_size=bn_group_size, attention=attention_factory(attention, **attention_options))
 
