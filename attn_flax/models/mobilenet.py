@@ -12,7 +12,7 @@ imply (``docs/models.md`` has the arithmetic):
 
 - a ``'block'`` module (SE, CBAM, ECA) after BOTH the depthwise and the pointwise BN-ReLU of every block: the CBAM
   paper's MobileNet +SE/+CBAM 5.07M from 4.23M is 0.84M of gates, which 26 modules give (0.83M) and 13 after
-  the pointwise convs alone do not (0.48M, 4.71M in all);
+  the pointwise convs alone do not (0.49M, 4.72M in all);
 - a ``'stage'`` module (BAM) after stages 1-4, i.e. before each of the four stride-2 blocks, at 64, 128, 256 and
   512 channels: the BAM paper's 4.32M from 4.23M.
 
