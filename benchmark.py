@@ -58,7 +58,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet18", choices=models.available())
-    p.add_argument("--stem", default="cifar", choices=models.STEMS)
+    p.add_argument("--stem", default=None, choices=models.STEMS,
+                   help="default: cifar, or the model's own for a CIFAR- or ImageNet-only network (models.STEM_OF)")
     p.add_argument("--attention", default="none",
                    help="a registered attention name or 'none'; a comma-separated list times each in the same run")
     p.add_argument("--batch_size", type=int, default=128)
@@ -91,6 +92,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     unknown = [c for c in args.convs if c not in ops.IMPLS]
     if unknown or not args.convs:
         p.error(f"--conv {args.conv!r}: each entry must be one of {', '.join(ops.IMPLS)}")
+    if args.stem is None:
+        args.stem = models.STEM_OF.get(args.model, "cifar")
     if args.num_classes is None:
         args.num_classes = 10 if args.stem == "cifar" else 1000
     if args.vs_torch and args.model not in TORCH_DEPTHS:

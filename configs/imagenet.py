@@ -4,6 +4,12 @@ Command (the argument after the colon is `MODEL,ATTENTION`; ATTENTION is none, s
 
     python train.py --config=configs/imagenet.py:resnet50,cbam --workdir=gs://BUCKET/r50_cbam
     python train.py --config=configs/imagenet.py:resnet101,bam --workdir=/ckpt/r101_bam
+    python train.py --config=configs/imagenet.py:mobilenet_v1,cbam --workdir=gs://BUCKET/mobilenet_cbam
+
+MODEL is any ResNet or one of the CBAM/BAM papers' other ImageNet networks: resnext50_32x4d, resnext101_32x4d,
+wrn18_1_5, wrn18_2, mobilenet_v1 (parameter counts against the papers: docs/models.md). The CIFAR-only networks
+(preresnet*, wrn16_8, wrn28_*, resnext29_*) fail here in one line. The papers trained MobileNet with this same
+recipe (the CBAM paper's Sec. 4.2 applies it to every network), not MobileNet's own RMSProp schedule.
 
 Hardware: a TPU v3-32/v4-32 pod slice (one process per host, `jax.distributed` initialises itself) or 8
 GPUs; about a day for ResNet-50 on 8 V100-class GPUs. Needs `imagenet2012` prepared from the manual download

@@ -10,8 +10,13 @@ from attn_flax.training import durations, optim, setup
 
 ARCHS = [f"{m},{a}" for m in ("resnet18", "resnet50") for a in ("none", "se", "eca", "cbam", "bam")]
 IMAGENET_ARCHS = [f"{m},{a}" for m in ("resnet50", "resnet101") for a in ("none", "se", "eca", "cbam", "bam")]
+# The BAM/CBAM papers' other backbones, one attention each (tests/test_backbones.py covers every pairing).
+PAPER_CIFAR_ARCHS = ["preresnet110,bam", "wrn28_10,se", "wrn16_8,none", "resnext29_8x64d,cbam"]
+PAPER_IMAGENET_ARCHS = ["mobilenet_v1,cbam", "wrn18_1_5,bam", "resnext101_32x4d,se"]
 CASES = ([("cifar10", a, 10, 50_000) for a in ARCHS] + [("cifar100", a, 100, 50_000) for a in ARCHS]
-         + [("imagenet", a, 1000, 1_281_167) for a in IMAGENET_ARCHS])
+         + [("imagenet", a, 1000, 1_281_167) for a in IMAGENET_ARCHS]
+         + [("cifar100", a, 100, 50_000) for a in PAPER_CIFAR_ARCHS]
+         + [("imagenet", a, 1000, 1_281_167) for a in PAPER_IMAGENET_ARCHS])
 
 
 @pytest.mark.parametrize("name, arch, num_classes, num_train", CASES)
@@ -37,6 +42,18 @@ def test_imagenet_resnet50_cbam_has_the_papers_parameter_count():
                                                train=False))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
     assert round(count / 1e6, 2) == 28.09
+
+
+@pytest.mark.parametrize("name, arch, message", [
+    ("imagenet", "wrn28_10,bam", "wrn28_10 is a network for CIFAR only (stem 'cifar') and cannot take stem "
+                                 "'imagenet'; use it with a config such as configs/cifar100.py"),
+    ("cifar100", "mobilenet_v1,cbam", "mobilenet_v1 is a network for ImageNet only (stem 'imagenet') and cannot "
+                                      "take stem 'cifar'; use it with a config such as configs/imagenet.py")])
+def test_a_network_for_the_other_dataset_fails_in_prepare_in_one_line(name, arch, message):
+    config = importlib.import_module(f"configs.{name}").get_config(arch)
+    with pytest.raises(setup.ConfigError) as err:
+        setup.prepare(config)
+    assert str(err.value) == message
 
 
 def test_default_config_is_small_and_offline():

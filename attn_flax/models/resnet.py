@@ -137,6 +137,8 @@ class ResNet(nn.Module):
       num_classes: classifier outputs.
       widths: each stage's block width ("planes"); the stem has ``widths[0]`` channels.
       stem: 'imagenet' (7x7/2 conv + max-pool) or 'cifar' (3x3/1 conv, no pool).
+      stem_width: the stem's channels; None gives ``widths[0]``. A widened ResNet keeps 64 (Zagoruyko &
+        Komodakis widen the residual blocks only), which gives the CBAM paper's WideResNet-18 counts.
       attention: None, a registered name (``'cbam'``), an :class:`~attn_flax.attention.AttentionFactory`, a module
         class or a ``functools.partial`` of one (see :func:`attn_flax.attention.factory`). A ``'block'``
         attention gives one module per residual block, a ``'stage'`` one after every stage but the last.
@@ -158,6 +160,7 @@ class ResNet(nn.Module):
     num_classes: int
     widths: Sequence[int] = (64, 128, 256, 512)
     stem: str = "imagenet"
+    stem_width: Optional[int] = None
     attention: attention_lib.AttentionSpec = None
     groups: int = 1
     width_per_group: int = 64
@@ -179,26 +182,41 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        conv, norm = self._layers(train)
+        x = jnp.asarray(x, self.dtype)
+        x = _stem(self.stem, self.stem_width or self.widths[0], conv, norm)(x)
+        x = self._stages(x, conv, norm, train=train)
+        return self._head(x)
+
+    def _layers(self, train: bool) -> tuple[ModuleDef, ModuleDef]:
+        """The conv and BatchNorm factories every layer of the network is built from (official init, dtypes)."""
         conv = functools.partial(self.conv, use_bias=False, kernel_init=initializers.conv_kaiming_fan_out,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         groups = {} if self.bn_group_size is None else {"group_size": self.bn_group_size}
         norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  scale_init=initializers.ones, bias_init=initializers.zeros,
                                  dtype=self.dtype, param_dtype=self.param_dtype, **groups)
-        block_attention, stage_attention = self._attention_factories()
+        return conv, norm
 
-        x = jnp.asarray(x, self.dtype)
-        x = _stem(self.stem, self.widths[0], conv, norm)(x)
+    def _stages(self, x: jnp.ndarray, conv: ModuleDef, norm: ModuleDef, *, train: bool,
+                first_strides: int = 1, **block_options: Any) -> jnp.ndarray:
+        """The stages of ``block_cls`` blocks (stride 2 opening every stage after the first, ``first_strides``
+        opening the first), a block attention in every block, a stage attention after every stage but the last."""
+        block_attention, stage_attention = self._attention_factories()
         for s, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
             for b in range(num_blocks):
-                x = self.block_cls(width, conv=conv, norm=norm, strides=2 if s > 1 and b == 0 else 1,
+                strides = 1 if b else (first_strides if s == 1 else 2)
+                x = self.block_cls(width, conv=conv, norm=norm, strides=strides,
                                    attention=block_attention, groups=self.groups,
                                    width_per_group=self.width_per_group,
                                    zero_init_last_bn=self.zero_init_last_bn,
-                                   name=f"stage{s}_block{b}")(x, train=train)
+                                   name=f"stage{s}_block{b}", **block_options)(x, train=train)
             if stage_attention is not None and s < len(self.stage_sizes):
                 x = stage_attention(name=f"stage{s}_attention")(x, train=train)
+        return x
 
+    def _head(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Global average pool and the classifier; float32 logits (float64 for a float64 model)."""
         pooled = reductions.mean(x, (1, 2))
         logits = nn.Dense(self.num_classes, kernel_init=initializers.dense_kaiming_fan_in,
                           bias_init=initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
