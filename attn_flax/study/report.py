@@ -196,7 +196,7 @@ def figure(rows: Sequence[VariantRow]):
     fig = Figure(figsize=(12, 1.2 + 0.4 * max(len(rows), 6)), layout="constrained")
     bars, curves = fig.subplots(1, 2, width_ratios=(1, 1.2))
     y = np.arange(len(rows))[::-1]
-    for row, pos in zip(rows, y):
+    for i, (row, pos) in enumerate(zip(rows, y)):
         accuracy = 100 * np.asarray(row.values("eval_accuracy"))
         mean, std = stats.mean_std(accuracy)
         bars.errorbar(mean, pos, xerr=0 if math.isnan(std) else std, fmt="o", color="C0", capsize=4)
@@ -204,7 +204,8 @@ def figure(rows: Sequence[VariantRow]):
         steps = sorted(set.intersection(*(set(s for s, _ in r.curve) for r in row.runs)))
         if steps:
             mean_curve = [np.mean([dict(r.curve)[s] for r in row.runs]) * 100 for s in steps]
-            curves.plot(steps, mean_curve, "o-" if len(steps) < 12 else "-", label=row.variant, markersize=3)
+            style = ("o" if len(steps) < 12 else "") + ("-", "--", ":")[i // 10 % 3]  # 10 colours, then dashes
+            curves.plot(steps, mean_curve, style, color=f"C{i % 10}", label=row.variant, markersize=3)
     bars.set_yticks(y, [f"{r.variant} (n={len(r.runs)})" for r in rows])
     bars.set_ylim(-0.6, len(rows) - 0.4)
     bars.set_xlabel("final top-1 % (mean ± std over seeds; grey: each seed)")
@@ -212,7 +213,7 @@ def figure(rows: Sequence[VariantRow]):
     curves.set_xlabel("step")
     curves.set_ylabel("eval top-1 % (mean over seeds)")
     curves.grid(alpha=0.3)
-    curves.legend(fontsize="small", loc="lower right")
+    curves.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: curves cross
     return fig
 
 
