@@ -6,6 +6,7 @@ is warm). The report's arithmetic is checked on fabricated metrics against numbe
 (scipy's Welch test, written down), and the t quantile against a printed table.
 """
 import json
+import multiprocessing
 import os
 import shlex
 import signal
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 import pytest
 
@@ -39,6 +41,30 @@ def one_error_line(err: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the tool
+
+
+def _plan_one_variant_repeatedly(study_dir: str, index: int, times: int) -> None:
+    run = types.SimpleNamespace(workdir=os.path.join(study_dir, f"attention=v{index}", "seed=0"), variant=f"v{index}",
+                                seed=0, total_steps=10, config=types.SimpleNamespace(attention=f"v{index}"), args=[])
+    for _ in range(times):
+        sweep.write_plan(study_dir, [run], ["study.py", "run", f"--sweep=attention=v{index}"], "python", "train.py")
+
+
+def test_invocations_side_by_side_each_add_their_runs_to_the_plan(tmp_path):
+    """One `study.py run` per variant, all started at once into one directory (how a machine with room for
+    several runs, or a scheduler's array job, runs a grid): study.json ends with every invocation's runs."""
+    processes = [multiprocessing.get_context("fork").Process(target=_plan_one_variant_repeatedly,
+                                                              args=(str(tmp_path), i, 25)) for i in range(8)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    assert [p.exitcode for p in processes] == [0] * 8
+    with open(tmp_path / sweep.PLAN_FILE) as f:
+        study = json.load(f)
+    assert sorted(study["runs"]) == [f"attention=v{i}/seed=0" for i in range(8)]
+    assert len(study["invocations"]) == 8
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 @pytest.mark.heavy

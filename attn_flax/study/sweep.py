@@ -11,6 +11,7 @@ interrupted one resumes from its checkpoint (the trainer's own resume), so the s
 """
 import dataclasses
 import datetime
+import fcntl
 import itertools
 import json
 import os
@@ -217,24 +218,30 @@ def command(run: PlannedRun, python: str, train_script: str) -> list[str]:
 def write_plan(study_dir: str, runs: Sequence[PlannedRun], invocation: Sequence[str], python: str,
                train_script: str) -> str:
     """Adds ``runs`` and the command that planned them to ``STUDY/study.json`` (kept across invocations, so that
-    several sweeps into one directory make one study); returns its path."""
+    several sweeps into one directory make one study); returns its path. Invocations started side by side (one
+    per variant on a shared machine, or a scheduler's array job) each add theirs: the read-modify-write holds an
+    exclusive lock on ``study.json.lock`` and writes through a temporary file of its own."""
     path = os.path.join(study_dir, PLAN_FILE)
-    study = {"invocations": [], "runs": {}}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            study = json.load(f)
-    invocation = list(invocation)
-    study["invocations"] = [i for i in study["invocations"] if i["argv"] != invocation]
-    study["invocations"].append({"argv": invocation,
-                                 "planned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    for run in runs:
-        study["runs"][os.path.relpath(run.workdir, study_dir)] = {
-            "variant": run.variant, "seed": run.seed, "total_steps": run.total_steps,
-            "attention": run.config.attention, "command": command(run, python, train_script)}
     os.makedirs(study_dir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(study, f, indent=1)
-    os.replace(path + ".tmp", path)
+    with open(path + ".lock", "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        study = {"invocations": [], "runs": {}}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                study = json.load(f)
+        invocation = list(invocation)
+        study["invocations"] = [i for i in study["invocations"] if i["argv"] != invocation]
+        study["invocations"].append({"argv": invocation,
+                                     "planned": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                         timespec="seconds")})
+        for run in runs:
+            study["runs"][os.path.relpath(run.workdir, study_dir)] = {
+                "variant": run.variant, "seed": run.seed, "total_steps": run.total_steps,
+                "attention": run.config.attention, "command": command(run, python, train_script)}
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(study, f, indent=1)
+        os.replace(temporary, path)
     return path
 
 
