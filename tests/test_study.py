@@ -99,7 +99,7 @@ def test_a_tiny_sweep_runs_resumes_skips_and_reports(tmp_path, data_dir):
         python, script, *train_args = shlex.split(line)
         assert (python, os.path.join(REPO, script), train_args) == (sys.executable, os.path.join(REPO, "train.py"),
                                                                     list(run.args))
-    assert sorted(os.listdir(study)) == ["attention=none", sweep.PLAN_FILE], "a dry run runs nothing"
+    assert sorted(os.listdir(study)) == ["attention=none", sweep.PLAN_FILE, sweep.LOCK_FILE], "a dry run runs nothing"
 
     code, out, err = finish(start(args), timeout=600)
     assert code == 0, (out, err[-3000:])

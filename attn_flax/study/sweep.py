@@ -27,6 +27,8 @@ from attn_flax import cli
 from attn_flax.training import checkpoints, config_checks, metrics, setup
 
 PLAN_FILE = "study.json"
+LOCK_FILE = PLAN_FILE + ".lock"
+"""Held while an invocation adds its runs to the plan, so that invocations side by side keep each other's."""
 LOG_FILE = "train.log"
 ATTEMPTS_FILE = "study_attempts.jsonl"
 """Per run: what ``train.py`` printed, and one line per attempt (seconds, exit status, steps before and after)."""
@@ -223,7 +225,7 @@ def write_plan(study_dir: str, runs: Sequence[PlannedRun], invocation: Sequence[
     exclusive lock on ``study.json.lock`` and writes through a temporary file of its own."""
     path = os.path.join(study_dir, PLAN_FILE)
     os.makedirs(study_dir, exist_ok=True)
-    with open(path + ".lock", "a", encoding="utf-8") as lock:
+    with open(os.path.join(study_dir, LOCK_FILE), "a", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         study = {"invocations": [], "runs": {}}
         if os.path.isfile(path):
