@@ -217,12 +217,27 @@ def command(run: PlannedRun, python: str, train_script: str) -> list[str]:
     return [python, train_script, *run.args]
 
 
+def _add_to_plan(study: dict[str, Any], study_dir: str, runs: Sequence[PlannedRun], invocation: Sequence[str],
+                 python: str, train_script: str) -> dict[str, Any]:
+    """``study`` (study.json's content) with ``invocation`` recorded once, newest last, and ``runs`` added."""
+    invocation = list(invocation)
+    invocations = [i for i in study["invocations"] if i["argv"] != invocation]
+    invocations.append({"argv": invocation,
+                        "planned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    planned = dict(study["runs"])
+    for run in runs:
+        planned[os.path.relpath(run.workdir, study_dir)] = {
+            "variant": run.variant, "seed": run.seed, "total_steps": run.total_steps,
+            "attention": run.config.attention, "command": command(run, python, train_script)}
+    return {**study, "invocations": invocations, "runs": planned}
+
+
 def write_plan(study_dir: str, runs: Sequence[PlannedRun], invocation: Sequence[str], python: str,
                train_script: str) -> str:
     """Adds ``runs`` and the command that planned them to ``STUDY/study.json`` (kept across invocations, so that
     several sweeps into one directory make one study); returns its path. Invocations started side by side (one
     per variant on a shared machine, or a scheduler's array job) each add theirs: the read-modify-write holds an
-    exclusive lock on ``study.json.lock`` and writes through a temporary file of its own."""
+    exclusive lock on :data:`LOCK_FILE` and writes through a temporary file of its own."""
     path = os.path.join(study_dir, PLAN_FILE)
     os.makedirs(study_dir, exist_ok=True)
     with open(os.path.join(study_dir, LOCK_FILE), "a", encoding="utf-8") as lock:
@@ -231,18 +246,9 @@ def write_plan(study_dir: str, runs: Sequence[PlannedRun], invocation: Sequence[
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 study = json.load(f)
-        invocation = list(invocation)
-        study["invocations"] = [i for i in study["invocations"] if i["argv"] != invocation]
-        study["invocations"].append({"argv": invocation,
-                                     "planned": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                                         timespec="seconds")})
-        for run in runs:
-            study["runs"][os.path.relpath(run.workdir, study_dir)] = {
-                "variant": run.variant, "seed": run.seed, "total_steps": run.total_steps,
-                "attention": run.config.attention, "command": command(run, python, train_script)}
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(study, f, indent=1)
+            json.dump(_add_to_plan(study, study_dir, runs, invocation, python, train_script), f, indent=1)
         os.replace(temporary, path)
     return path
 
