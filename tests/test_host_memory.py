@@ -34,13 +34,13 @@ def _faults_and_growth(mode: str) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_retained_memory_faults_each_page_at_most_once():
-    """Without it every call maps and faults the temporary anew; with it a page of the heap is faulted once.
+def test_retained_memory_bounds_faults_by_the_heap_pad():
+    """Without it every call maps and faults the temporary anew; with it the faults are bounded by the heap's pad.
 
     The retained heap grows with a 2 GiB top pad. jax 0.10 reuses the same addresses every call (no faults after
     the first); jax 0.12 places its temporaries at varying offsets in the pad, so calls keep touching pad pages
     for the first time until the whole pad is resident (measured: 0 to 430,000 faults over these 12 calls,
-    against 2,000,000 without retaining). The bound is therefore the pad, touched once, not zero.
+    against 2,000,000 without retaining; later calls fault nothing). The bound is therefore the pad, not zero.
     """
     faults, growth = _faults_and_growth("default")
     assert faults > 12 * 30_000 and growth < 30_000, "the baseline should fault the 256 MB temporary in per call"
