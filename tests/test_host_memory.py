@@ -1,12 +1,15 @@
 """ops.retain_freed_memory: a jitted CPU computation's temporary buffers stop being page-faulted in on every call."""
+import mmap
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from attn_flax.ops import host_memory
+
 SCRIPT = textwrap.dedent("""
-    import os, resource, sys
+    import resource, sys
     if sys.argv[1] == "retain":
         from attn_flax import ops
         assert ops.retain_freed_memory()
@@ -22,7 +25,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-_PAD_PAGES = (2**31 - 1) // 4096  # attn_flax.ops.host_memory's top pad, in pages
+_PAD_PAGES = host_memory._KEEP_BYTES // mmap.PAGESIZE  # the retained heap's top pad, in pages
 
 
 def _faults_and_growth(mode: str) -> tuple[int, int]:
